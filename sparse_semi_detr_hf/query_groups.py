@@ -61,3 +61,42 @@ def pack_query_group(
         padded_anchors[sorted_batch, slot] = anchors[order]
         valid[sorted_batch, slot] = True
     return QueryGroup(padded_content, padded_anchors, valid, see_matching)
+
+
+def build_decoder_attention_mask(
+    groups: list[QueryGroup], num_denoising_groups: int, denoising_group_size: int, num_matching: int, device
+) -> Tensor | None:
+    """Self-attention mask of the decoder input ``[extra groups | denoising groups | matching queries]``.
+
+    Args:
+        groups: the extra query groups (their ``valid`` masks hide padding slots as keys).
+        num_denoising_groups / denoising_group_size: ``meta.num_groups`` and ``2 * meta.pad_size`` (0 when absent).
+        num_matching: number of matching queries (they come last).
+    Returns:
+        ``(B, 1, N, N)`` bool, ``True`` where a query may attend to a key, or ``None`` when there is only the
+        matching group (no mask needed). Matching queries see only themselves; every other group sees itself
+        (and the matching queries, if allowed); padded rows of extra groups see only themselves.
+    """
+    if not groups and num_denoising_groups == 0:
+        return None
+    batch_size = groups[0].content.shape[0] if groups else 1
+    sizes = [group.num_queries for group in groups] + [denoising_group_size] * num_denoising_groups
+    total = sum(sizes) + num_matching
+    allowed = torch.zeros(batch_size, total, total, dtype=torch.bool, device=device)
+    allowed[:, total - num_matching:, total - num_matching:] = True
+    start = 0
+    for index, size in enumerate(sizes):
+        block = slice(start, start + size)
+        group = groups[index] if index < len(groups) else None
+        if group is None:
+            allowed[:, block, block] = True
+            allowed[:, block, total - num_matching:] = True
+        else:
+            valid = group.valid.to(device)
+            allowed[:, block, block] = valid[:, None, :] & valid[:, :, None]
+            if group.see_matching:
+                allowed[:, block, total - num_matching:] = valid[:, :, None]
+            diagonal = torch.arange(start, start + size, device=device)
+            allowed[:, diagonal, diagonal] = True
+        start += size
+    return allowed[:, None]
