@@ -1,0 +1,372 @@
+"""Pushing the trained model to the Hugging Face Hub: a fault-tolerant background uploader and the model card.
+
+Nothing here may stop training: every Hub error is logged and remembered, never raised. See docs/hub.md.
+"""
+
+import logging
+import math
+import time
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
+
+# Checkpoints (accelerate's ``checkpoints/checkpoint_*``: optimizer.bin, scheduler.bin, random_states_*.pkl,
+# custom_checkpoint_*.pkl with the teacher), pickles and other raw torch dumps stay local. The model itself is
+# ``model.safetensors``. Patterns use huggingface_hub's fnmatch rules, where ``*`` also matches ``/``.
+DEFAULT_IGNORE_PATTERNS = (
+    "checkpoint*",
+    "*/checkpoint*",
+    "*.pkl",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.lock",
+)
+
+
+def _completed_future(result: Any) -> Future:
+    future: Future = Future()
+    future.set_result(result)
+    return future
+
+
+class HubUploader:
+    """Uploads an output folder to a Hub model repository in the background, surviving every failure.
+
+    Args:
+        repo_id: ``"namespace/name"`` (or ``"name"`` for the token's user namespace).
+        token: Hub token; ``None`` uses ``HF_TOKEN`` or the ``huggingface-cli login`` token.
+        private: create the repository as private.
+        api: an ``HfApi``-like client (``create_repo`` and ``upload_folder``); injectable for tests.
+        max_retries: how many times :meth:`finish` re-submits the latest folder when its upload failed.
+        ignore_patterns: files never uploaded (default :data:`DEFAULT_IGNORE_PATTERNS`).
+
+    Each :meth:`push` submits ``upload_folder(..., run_as_future=True)``; ``HfApi`` runs its futures one at a
+    time in submission order. A failed upload (raised at submission or on its future) is logged and
+    remembered; the next :meth:`push` re-uploads the newest folder, which is the retry (the latest state is what
+    matters). :meth:`finish` waits for pending uploads and reports success.
+    """
+
+    def __init__(
+        self,
+        repo_id: str,
+        token: str | None = None,
+        private: bool = False,
+        api: Any = None,
+        max_retries: int = 2,
+        ignore_patterns: tuple[str, ...] | list[str] = DEFAULT_IGNORE_PATTERNS,
+    ):
+        self.repo_id = repo_id
+        self.private = private
+        self.max_retries = max(0, int(max_retries))
+        self.ignore_patterns = list(ignore_patterns)
+        self.api = api if api is not None else HfApi(token=token)
+        self.errors: list[str] = []
+        self._repo_ready = False
+        self._pending: list[Future] = []
+        self._latest: tuple[str, str] | None = None
+        self._latest_failed = False
+
+    @property
+    def needs_retry(self) -> bool:
+        """True when the most recent finished upload failed and no later one has succeeded yet."""
+        self._collect()
+        return self._latest_failed
+
+    def _ensure_repo(self) -> None:
+        """Create the repository once (``exist_ok=True``); a failure is logged and tried again next push."""
+        if self._repo_ready:
+            return
+        try:
+            url = self.api.create_repo(repo_id=self.repo_id, private=self.private, exist_ok=True)
+        except Exception as error:  # noqa: BLE001 - the Hub must never stop training
+            self._record_failure("create_repo", error)
+            return
+        self.repo_id = getattr(url, "repo_id", None) or self.repo_id
+        self._repo_ready = True
+
+    def _record_failure(self, what: str, error: BaseException) -> None:
+        message = f"{what} for {self.repo_id} failed: {type(error).__name__}: {error}"
+        logger.warning("Hub %s (training continues; the latest folder is pushed again next time)", message)
+        self.errors.append(message)
+
+    def _collect(self) -> None:
+        """Harvest finished futures in submission order; the last one decides whether a retry is needed."""
+        still_pending = []
+        for future in self._pending:
+            if not future.done():
+                still_pending.append(future)
+                continue
+            error = future.exception()
+            if error is not None:
+                self._record_failure("upload", error)
+            self._latest_failed = error is not None
+        self._pending = still_pending
+
+    def push(self, folder: str, commit_message: str = "Upload model") -> Future | None:
+        """Upload ``folder`` to the repository in the background; never raises.
+
+        Returns the upload's future, or ``None`` when the submission itself failed (logged, retried next push).
+        """
+        self._collect()
+        if self._latest_failed:
+            logger.info("Retrying the failed Hub upload with the latest state in %s", folder)
+        self._latest = (str(folder), commit_message)
+        self._ensure_repo()
+        try:
+            future = self.api.upload_folder(
+                repo_id=self.repo_id,
+                folder_path=str(folder),
+                commit_message=commit_message,
+                ignore_patterns=self.ignore_patterns,
+                run_as_future=True,
+            )
+        except Exception as error:  # noqa: BLE001 - the Hub must never stop training
+            self._record_failure("upload", error)
+            self._latest_failed = True
+            return None
+        if not isinstance(future, Future):
+            future = _completed_future(future)
+        self._pending.append(future)
+        return future
+
+    def _wait(self, deadline: float) -> bool:
+        """Wait for pending futures until ``deadline`` (``time.monotonic``); True when all finished."""
+        remaining = None if math.isinf(deadline) else max(0.0, deadline - time.monotonic())
+        _, not_done = wait_futures(self._pending, timeout=remaining)
+        self._collect()
+        return not not_done
+
+    def finish(self, timeout: float | None = None) -> bool:
+        """Wait for pending uploads (at most ``timeout`` seconds in all), retry a failed final one up to
+        ``max_retries`` times, and return True when the latest folder is on the Hub. Never raises."""
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        try:
+            if not self._wait(deadline):
+                logger.warning("Hub upload to %s still running after %s s", self.repo_id, timeout)
+                return False
+            for attempt in range(self.max_retries):
+                if not self._latest_failed or self._latest is None or time.monotonic() >= deadline:
+                    break
+                logger.info("Hub upload retry %d/%d for %s", attempt + 1, self.max_retries, self.repo_id)
+                self.push(*self._latest)
+                if not self._wait(deadline):
+                    return False
+        except Exception as error:  # noqa: BLE001 - the Hub must never stop training
+            self._record_failure("finish", error)
+            return False
+        success = not self._latest_failed
+        if success and self._latest is not None:
+            logger.info("Model pushed to https://huggingface.co/%s", self.repo_id)
+        elif not success:
+            logger.error("Pushing to %s failed: %s", self.repo_id, self.errors[-1] if self.errors else "unknown")
+        return success
+
+
+_METRIC_TYPES = {
+    "AP": "map",
+    "AP50": "map_50",
+    "AP75": "map_75",
+    "APs": "map_small",
+    "APm": "map_medium",
+    "APl": "map_large",
+}
+
+_MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+**Sparse Semi-DETR** is a semi-supervised, end-to-end object detector: a DINO detector (4-scale deformable
+DETR with contrastive denoising and mixed query selection) trained teacher–student on a few labeled and many
+unlabeled images. On top of Semi-DETR's stage-wise hybrid matching (one-to-many, then one-to-one) it adds a
+**Query Refinement Module**, which builds a small, refined set of object queries from the teacher's RoI
+features of pseudo-boxes (low- and high-resolution feature maps, attention plus a similarity step), and
+**Reliable Pseudo-Label Filtering**, which keeps the top-k predictions per augmented pseudo-label group and
+filters duplicate pseudo-labels. Inference needs no NMS and no custom CUDA op.
+
+This checkpoint was trained with `sparse_semi_detr_hf`, a Hugging Face-native implementation
+(`transformers` remote code, `accelerate` trainer).
+
+## Training
+
+- Dataset: **{{ dataset_name }}**, with **{{ labeled_percent }} %** of the training images labeled and the rest
+  used as unlabeled data.
+- Teacher: exponential moving average of the student; pseudo-labels from the teacher on the weakly augmented
+  view, trained on by the student on the strongly augmented view.
+{%- if base_model %}
+- Initialised from [`{{ base_model }}`](https://huggingface.co/{{ base_model }}).
+{%- endif %}
+{%- if hyperparameter_rows %}
+
+| hyperparameter | value |
+|---|---|
+{%- for name, value in hyperparameter_rows %}
+| {{ name }} | {{ value }} |
+{%- endfor %}
+{%- endif %}
+
+## Results
+{% if result_rows %}
+COCO-style box metrics on the {{ dataset_name }} evaluation split (pycocotools).
+
+| metric | value |
+|---|---|
+{%- for name, value in result_rows %}
+| {{ name }} | {{ value }} |
+{%- endfor %}
+{% else %}
+No evaluation results were recorded for this checkpoint.
+{% endif %}
+## Usage
+
+The model code ships with the checkpoint, so load it with `trust_remote_code=True`.
+
+```python
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+processor = AutoImageProcessor.from_pretrained("{{ repo_id }}", trust_remote_code=True)
+model = AutoModelForObjectDetection.from_pretrained("{{ repo_id }}", trust_remote_code=True).eval()
+
+image = Image.open("image.jpg").convert("RGB")
+inputs = processor(images=image, return_tensors="pt")
+with torch.no_grad():
+    outputs = model(**inputs)
+result = processor.post_process_object_detection(outputs, threshold=0.3, target_sizes=[image.size[::-1]])[0]
+for score, label, box in zip(result["scores"], result["labels"], result["boxes"]):
+    print(model.config.id2label[label.item()], round(score.item(), 3), [round(v, 1) for v in box.tolist()])
+```
+
+With the pipeline:
+
+```python
+from transformers import pipeline
+
+detector = pipeline("object-detection", model="{{ repo_id }}", trust_remote_code=True)
+print(detector("image.jpg", threshold=0.3))
+```
+
+## Citation
+
+```bibtex
+@inproceedings{shehzadi2024sparsesemidetr,
+  title     = {Sparse Semi-DETR: Sparse Learnable Queries for Semi-Supervised Object Detection},
+  author    = {Shehzadi, Tahira and Hashmi, Khurram Azeem and Stricker, Didier and Afzal, Muhammad Zeshan},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2024},
+  eprint    = {2404.01819},
+  archivePrefix = {arXiv}
+}
+```
+
+It builds on:
+
+```bibtex
+@inproceedings{zhang2023semidetr,
+  title     = {Semi-DETR: Semi-Supervised Object Detection with Detection Transformers},
+  author    = {Zhang, Jiacheng and Lin, Xiangru and Zhang, Wei and Wang, Kai and Tan, Xiao and Han, Junyu and
+               Ding, Errui and Wang, Jingdong and Li, Guanbin},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2023},
+  eprint    = {2307.08095},
+  archivePrefix = {arXiv}
+}
+
+@inproceedings{zhang2023dino,
+  title     = {DINO: DETR with Improved DeNoising Anchor Boxes for End-to-End Object Detection},
+  author    = {Zhang, Hao and Li, Feng and Liu, Shilong and Zhang, Lei and Su, Hang and Zhu, Jun and Ni, Lionel M.
+               and Shum, Heung-Yeung},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2023},
+  eprint    = {2203.03605},
+  archivePrefix = {arXiv}
+}
+```
+"""
+
+
+def _is_reported(value: Any) -> bool:
+    """pycocotools reports -1 for a metric without ground truth (e.g. no small objects); NaN/None are missing."""
+    return value is not None and math.isfinite(float(value)) and float(value) >= 0
+
+
+def _table_cell(value: Any) -> str:
+    """Format a value for a markdown table cell (floats to 4 significant digits, pipes escaped)."""
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def build_model_card(
+    repo_id: str,
+    eval_results: dict[str, float],
+    dataset_name: str,
+    labeled_percent: float,
+    hyperparameters: dict[str, Any],
+    base_model: str | None = None,
+    license: str = "apache-2.0",  # noqa: A002 - the Hub metadata key
+    dataset_id: str | None = None,
+    dataset_split: str | None = None,
+) -> ModelCard:
+    """Model card of a trained Sparse Semi-DETR: YAML metadata with a ``model-index`` and a clean README body.
+
+    Args:
+        repo_id: the Hub repository (used in the usage snippet and as the model name).
+        eval_results: COCO metrics as reported by the evaluation, keys among ``AP, AP50, AP75, APs, APm, APl``
+            (other keys are kept with ``metric_type = key.lower()``); values as given (pycocotools gives
+            fractions in [0, 1]); negative, NaN or None values (not computed) are left out of the ``model-index``
+            and shown as ``n/a``.
+        dataset_name: human-readable dataset name; ``dataset_id`` (Hub dataset id) defaults to it.
+        labeled_percent: share of labeled training images, in percent.
+        hyperparameters: rendered as a two-column table.
+        base_model: Hub id of the initial weights, if any.
+
+    Save with ``card.save(os.path.join(model_folder, "README.md"))``.
+    """
+    dataset_id = dataset_id or dataset_name
+    results = []
+    for key, value in eval_results.items():
+        if not _is_reported(value):
+            continue
+        results.append(
+            EvalResult(
+                task_type="object-detection",
+                dataset_type=dataset_id,
+                dataset_name=dataset_name,
+                dataset_split=dataset_split,
+                metric_type=_METRIC_TYPES.get(key, key.lower()),
+                metric_name=key,
+                metric_value=float(value),
+            )
+        )
+    model_name = repo_id.split("/")[-1]
+    card_data = ModelCardData(
+        model_name=model_name,
+        pipeline_tag="object-detection",
+        library_name="transformers",
+        license=license,
+        base_model=base_model,
+        datasets=[dataset_id],
+        tags=["object-detection", "vision", "detr", "dino", "semi-supervised", "sparse-semi-detr", "custom_code"],
+        eval_results=results or None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=_MODEL_CARD_TEMPLATE,
+        repo_id=repo_id,
+        model_name=model_name,
+        dataset_name=dataset_name,
+        labeled_percent=f"{labeled_percent:g}",
+        base_model=base_model,
+        hyperparameter_rows=[(_table_cell(k), _table_cell(v)) for k, v in hyperparameters.items()],
+        result_rows=[
+            (_table_cell(k), _table_cell(float(v)) if _is_reported(v) else "n/a") for k, v in eval_results.items()
+        ],
+    )
