@@ -157,3 +157,23 @@ def test_to_returns_self_and_moves_dtype(student):
     _perturb(student, 6)
     teacher.update(student, step=0)  # student float32 tensors are cast to the teacher's dtype
     torch.testing.assert_close(teacher.model.conv.weight, student.conv.weight.double())
+
+
+def test_accelerate_checkpointing_round_trip(student, tmp_path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    accelerator = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(tmp_path)))
+    teacher = EMATeacher(student, momentum_max=0.99)
+    accelerator.register_for_checkpointing(teacher)
+    _perturb(student, 7)
+    teacher.update(student, step=3)
+    saved = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    _perturb(student, 8)
+    teacher.update(student, step=0)
+    teacher.momentum_max = 0.5
+    accelerator.load_state(str(tmp_path / "ckpt"))
+    assert teacher.momentum_max == 0.99 and teacher.last_momentum == 0.75
+    for name, value in teacher.model.state_dict().items():
+        torch.testing.assert_close(value, saved[name], msg=name)
