@@ -1,0 +1,309 @@
+"""Assignments between predictions and targets.
+
+Three assigners, all gradient-free:
+
+- ``HungarianMatcher``: DETR's one-to-one matching (Deformable-DETR focal class cost, L1 and -GIoU box costs).
+- ``one_to_many_assign``: Semi-DETR's task-aligned one-to-many assignment (TOOD's alignment metric).
+- ``rpf_assign`` / ``rpf_duplicate_pseudo_labels``: Reliable Pseudo-Label Filtering (SPEC §4, our reading).
+
+Shared shapes: ``logits (B, Q, C)`` raw class logits (sigmoid classifier, no background class),
+``pred_boxes (B, Q, 4)`` cxcywh normalized to ``[0, 1]``; ``targets`` is a list of ``B`` dicts with
+``class_labels (n,)`` long, ``boxes (n, 4)`` cxcywh normalized and, for pseudo-labels, ``scores (n,)``.
+``n = 0`` is legal everywhere: it yields no positives (every prediction is background).
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from .box_ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou
+
+# Replaces NaN/inf costs: larger than any real cost, finite so that scipy can still solve the problem.
+INVALID_COST = 1e8
+
+
+class Assignment(NamedTuple):
+    """Positives of one image: prediction ``pred_idx[k]`` learns target ``tgt_idx[k]`` with soft weight ``weight[k]``.
+
+    Shapes: ``(k,)`` each; indices long, weight float32, all on the predictions' device.
+    """
+
+    pred_idx: Tensor
+    tgt_idx: Tensor
+    weight: Tensor
+
+
+def focal_class_cost(prob: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Deformable-DETR focal matching cost: ``(N, C)`` sigmoid probabilities, ``(M,)`` labels -> ``(N, M)``."""
+    prob = prob[:, labels]
+    neg = (1 - alpha) * prob.pow(gamma) * -(1 - prob + 1e-8).log()
+    pos = alpha * (1 - prob).pow(gamma) * -(prob + 1e-8).log()
+    return pos - neg
+
+
+def solve_assignment(cost: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Optimal assignment of a host cost matrix ``(Q, n)`` -> ``(pred_idx (m,), tgt_idx (m,))``, ``m = min(Q, n)``."""
+    if cost.numel() == 0:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty.clone()
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return (torch.as_tensor(rows, dtype=torch.long, device=device),
+            torch.as_tensor(cols, dtype=torch.long, device=device))
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one matching minimising ``class_cost * focal + bbox_cost * L1(cxcywh) + giou_cost * (-GIoU)``.
+
+    The class cost is Deformable DETR's focal cost (``focal_alpha``, ``focal_gamma``). Costs are computed in fp32
+    without gradient; NaN/inf entries become ``INVALID_COST`` so that a bad prediction is only matched when nothing
+    else is left. The cost of the whole batch is one ``(B*Q, sum n)`` matrix, copied to the host once.
+    """
+
+    def __init__(self, class_cost: float = 2.0, bbox_cost: float = 5.0, giou_cost: float = 2.0,
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+        super().__init__()
+        if class_cost == 0 and bbox_cost == 0 and giou_cost == 0:
+            raise ValueError("HungarianMatcher needs at least one non-zero cost.")
+        self.class_cost, self.bbox_cost, self.giou_cost = class_cost, bbox_cost, giou_cost
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+
+    @classmethod
+    def from_config(cls, config) -> "HungarianMatcher":
+        """Build from a ``SparseSemiDetrConfig`` (``matcher_*_cost``, ``focal_alpha``, ``focal_gamma``)."""
+        return cls(config.matcher_class_cost, config.matcher_bbox_cost, config.matcher_giou_cost,
+                   config.focal_alpha, config.focal_gamma)
+
+    @torch.no_grad()
+    def cost_matrix(self, logits: Tensor, pred_boxes: Tensor, labels: Tensor, boxes: Tensor) -> Tensor:
+        """``(N, C)`` logits, ``(N, 4)`` cxcywh, ``(M,)`` labels, ``(M, 4)`` cxcywh -> finite fp32 cost ``(N, M)``."""
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            out_boxes, tgt_boxes = pred_boxes.float(), boxes.float()
+            class_cost = focal_class_cost(logits.float().sigmoid(), labels, self.focal_alpha, self.focal_gamma)
+            bbox_cost = torch.cdist(out_boxes, tgt_boxes, p=1)
+            giou = generalized_box_iou(box_cxcywh_to_xyxy(out_boxes), box_cxcywh_to_xyxy(tgt_boxes))
+            cost = self.class_cost * class_cost + self.bbox_cost * bbox_cost - self.giou_cost * giou
+        cost = cost.nan_to_num(nan=INVALID_COST, posinf=INVALID_COST, neginf=INVALID_COST)
+        return cost.clamp(-INVALID_COST, INVALID_COST)
+
+    @torch.no_grad()
+    def host_cost_blocks(self, logits: Tensor, pred_boxes: Tensor, targets: list[dict]) -> list[Tensor]:
+        """Per-image host cost matrices ``(Q, n_b)`` from one batched computation and one device-to-host copy."""
+        batch_size, num_queries = logits.shape[:2]
+        sizes = [len(t["boxes"]) for t in targets]
+        if sum(sizes) == 0:
+            return [torch.zeros(num_queries, 0) for _ in sizes]
+        labels = torch.cat([t["class_labels"] for t in targets]).to(logits.device)
+        boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device)
+        cost = self.cost_matrix(logits.flatten(0, 1), pred_boxes.flatten(0, 1), labels, boxes)
+        cost = cost.view(batch_size, num_queries, -1).cpu()
+        return [block[b] for b, block in enumerate(cost.split(sizes, dim=-1))]
+
+    @torch.no_grad()
+    def forward(self, logits: Tensor, pred_boxes: Tensor, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
+        """``(B, Q, C)``, ``(B, Q, 4)``, targets -> per image ``(pred_idx (m,), tgt_idx (m,))``, long, logits' device.
+
+        ``m = min(Q, n_b)``; an image without targets gets two empty index tensors.
+        """
+        blocks = self.host_cost_blocks(logits, pred_boxes, targets)
+        return [solve_assignment(block, logits.device) for block in blocks]
+
+
+def _alignment(logits: Tensor, pred_boxes: Tensor, labels: Tensor, boxes: Tensor, alpha: float,
+               beta: float) -> tuple[Tensor, Tensor]:
+    """Task alignment of one image: ``(Q, C)``, ``(Q, 4)``, ``(n,)``, ``(n, 4)`` -> ``(t, IoU)``, each ``(Q, n)``.
+
+    ``t = s^alpha * IoU^beta`` with ``s`` the sigmoid probability of each target's class; NaNs (degenerate
+    boxes) count as 0.
+    """
+    scores = logits.float().sigmoid()[:, labels]
+    iou = box_iou(box_cxcywh_to_xyxy(pred_boxes.float()), box_cxcywh_to_xyxy(boxes.float())).nan_to_num(0.0)
+    return (scores.pow(alpha) * iou.pow(beta)).nan_to_num(0.0), iou
+
+
+def _topk_mask(t: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
+    """Per column of ``t (Q, n)``: the ``k`` rows of largest ``t`` among ``allowed``, ``t > 0`` -> bool ``(Q, n)``."""
+    if allowed is not None:
+        t = t.masked_fill(~allowed, 0.0)
+    mask = torch.zeros_like(t, dtype=torch.bool)
+    k = min(k, t.shape[0])
+    if k == 0 or t.shape[1] == 0:
+        return mask
+    values, index = t.topk(k, dim=0)
+    return mask.scatter_(0, index, values > 0)
+
+
+def _keep_largest_iou(mask: Tensor, iou: Tensor) -> Tensor:
+    """Rows of ``mask (Q, n)`` claimed by several targets keep only the target of largest IoU -> bool ``(Q, n)``."""
+    best = iou.masked_fill(~mask, -1.0).argmax(dim=1, keepdim=True)
+    return mask & (torch.arange(mask.shape[1], device=mask.device)[None] == best)
+
+
+def _soft_weighted(positive: Tensor, t: Tensor, iou: Tensor) -> Assignment:
+    """Positives ``(Q, n)`` (at most one per row) -> ``Assignment`` with weight ``t / max t * max IoU`` per target.
+
+    Maxima run over each target's own positives (after conflict resolution), so a target's best positive
+    gets weight = its best IoU.
+    """
+    pred_idx, tgt_idx = positive.nonzero(as_tuple=True)
+    t_pos, iou_pos = t[pred_idx, tgt_idx], iou[pred_idx, tgt_idx]
+    zeros = t.new_zeros(t.shape[1])
+    max_t = zeros.scatter_reduce(0, tgt_idx, t_pos, reduce="amax", include_self=True)
+    max_iou = zeros.scatter_reduce(0, tgt_idx, iou_pos, reduce="amax", include_self=True)
+    weight = t_pos / max_t[tgt_idx].clamp_min(torch.finfo(t.dtype).tiny) * max_iou[tgt_idx]
+    return Assignment(pred_idx, tgt_idx, weight)
+
+
+def _empty_assignment(device: torch.device) -> Assignment:
+    index = torch.empty(0, dtype=torch.long, device=device)
+    return Assignment(index, index.clone(), torch.empty(0, device=device))
+
+
+@torch.no_grad()
+def one_to_many_assign(logits: Tensor, pred_boxes: Tensor, targets: list[dict], topk: int = 13, alpha: float = 1.0,
+                       beta: float = 6.0) -> list[Assignment]:
+    """Semi-DETR's one-to-many (TOOD task-aligned) assignment, per image.
+
+    Alignment ``t_ij = s_ij^alpha * IoU_ij^beta`` (``s_ij``: sigmoid probability of target j's class at prediction i).
+    For each target the ``topk`` predictions of largest ``t`` with ``t > 0`` are its positives (``min(topk, Q)``
+    when there are fewer predictions); a prediction claimed by several targets goes to the one of largest IoU.
+    Soft weight of a positive: ``t / max t * max IoU``, both maxima over that target's positives.
+    Everything else is background. Returns one ``Assignment`` per image.
+    """
+    assignments = []
+    for image_logits, image_boxes, target in zip(logits, pred_boxes, targets):
+        if len(target["boxes"]) == 0 or image_logits.shape[0] == 0:
+            assignments.append(_empty_assignment(logits.device))
+            continue
+        t, iou = _alignment(image_logits, image_boxes, target["class_labels"], target["boxes"], alpha, beta)
+        positive = _keep_largest_iou(_topk_mask(t, topk), iou)
+        assignments.append(_soft_weighted(positive, t, iou))
+    return assignments
+
+
+def jitter_boxes(boxes: Tensor, groups: int, jitter: float, generator: torch.Generator | None = None) -> Tensor:
+    """Augmented copies of cxcywh boxes ``(n, 4)`` -> ``(groups, n, 4)``; copy 0 is ``boxes`` unchanged.
+
+    Copies 1..groups-1: centre ``+ u * jitter * size`` and size ``* (1 + u * jitter)`` with independent
+    ``u ~ U(-1, 1)`` per coordinate drawn from ``generator``, then clipped to the image (xyxy in ``[0, 1]``).
+    """
+    noise_device = generator.device if generator is not None else boxes.device
+    noise = torch.rand((groups - 1, *boxes.shape), generator=generator, device=noise_device).to(boxes) * 2 - 1
+    centre = boxes[:, :2] + noise[..., :2] * jitter * boxes[:, 2:]
+    size = boxes[:, 2:] * (1 + noise[..., 2:] * jitter)
+    copies = box_cxcywh_to_xyxy(torch.cat([centre, size], dim=-1)).clamp(0.0, 1.0)
+    return torch.cat([boxes[None], box_xyxy_to_cxcywh(copies)], dim=0)
+
+
+@torch.no_grad()
+def rpf_candidates(logits: Tensor, pred_boxes: Tensor, targets: list[dict], groups: int = 6, jitter: float = 0.1,
+                   generator: torch.Generator | None = None,
+                   matcher: HungarianMatcher | None = None) -> list[Tensor]:
+    """RPF candidate sets: per image a bool ``(Q, n)``, True where prediction i was matched to a copy of box j.
+
+    ``groups`` copies of the pseudo-boxes (``jitter_boxes``: copy 0 exact, the others jittered) are each
+    Hungarian-matched *separately* against all ``Q`` predictions (``matcher``'s costs, the copy keeping its box's
+    class); the candidates of box j are the union of the predictions matched to its copies (1 to ``groups``
+    distinct predictions). Two near-identical boxes can therefore share candidates.
+    """
+    matcher = matcher if matcher is not None else HungarianMatcher()
+    group_targets = [
+        {"class_labels": t["class_labels"].repeat(groups),
+         "boxes": jitter_boxes(t["boxes"], groups, jitter, generator).flatten(0, 1)}
+        for t in targets
+    ]
+    blocks = matcher.host_cost_blocks(logits, pred_boxes, group_targets)
+    candidates = []
+    for block, target in zip(blocks, targets):
+        num_boxes = len(target["boxes"])
+        member = np.zeros((logits.shape[1], num_boxes), dtype=bool)
+        for group in range(groups if num_boxes else 0):
+            rows, cols = linear_sum_assignment(block[:, group * num_boxes:(group + 1) * num_boxes].numpy())
+            member[rows, cols] = True
+        candidates.append(torch.from_numpy(member).to(logits.device))
+    return candidates
+
+
+def _rpf_single(candidate: Tensor, t: Tensor, iou: Tensor, topk: int) -> tuple[Assignment, Tensor]:
+    """One image: candidates, alignment and IoU ``(Q, n)`` -> ``(Assignment, duplicate_mask (Q,))``."""
+    owned = _keep_largest_iou(candidate & (t > 0), iou)
+    positive = _topk_mask(t, topk, allowed=owned)
+    return _soft_weighted(positive, t, iou), owned.any(1) & ~positive.any(1)
+
+
+@torch.no_grad()
+def rpf_assign(logits: Tensor, pred_boxes: Tensor, targets: list[dict], groups: int = 6, topk: int = 4,
+               jitter: float = 0.1, alpha: float = 1.0, beta: float = 6.0, generator: torch.Generator | None = None,
+               matcher: HungarianMatcher | None = None) -> list[tuple[Assignment, Tensor]]:
+    """Reliable Pseudo-Label Filtering, one-to-many side (SPEC §4, our reading). Per image:
+
+    1. Candidates (``rpf_candidates``): ``groups`` copies of the pseudo-boxes (copy 0 exact, copies 1.. jittered by
+       ``jitter`` of the box size), each copy set Hungarian-matched separately against all ``Q`` predictions; the
+       candidates of box j are the predictions matched to any of its copies.
+    2. Alignment ``t = s^alpha * IoU^beta`` against the *un-jittered* box (``s``: sigmoid probability of the box's
+       class). Candidates with ``t = 0`` (no overlap) are dropped; a prediction that remains a candidate of
+       several boxes belongs to the one of largest IoU.
+    3. Per box, its ``topk`` candidates of largest ``t`` are positives, weighted ``t / max t * max IoU`` (maxima over
+       the box's positives), as in ``one_to_many_assign``.
+    4. Its remaining candidates (``t > 0``, not positive) are *duplicates*: ``duplicate_mask[i] = True``. The loss
+       leaves them out of the classification loss entirely (neither positive nor background).
+
+    Returns per image ``(Assignment, duplicate_mask (Q,) bool)``; with no pseudo-box, no positive and no duplicate.
+    """
+    candidates = rpf_candidates(logits, pred_boxes, targets, groups, jitter, generator, matcher)
+    results = []
+    for image_logits, image_boxes, target, candidate in zip(logits, pred_boxes, targets, candidates):
+        if candidate.shape[1] == 0:
+            no_duplicate = torch.zeros(image_logits.shape[0], dtype=torch.bool, device=logits.device)
+            results.append((_empty_assignment(logits.device), no_duplicate))
+            continue
+        t, iou = _alignment(image_logits, image_boxes, target["class_labels"], target["boxes"], alpha, beta)
+        results.append(_rpf_single(candidate, t, iou, topk))
+    return results
+
+
+def duplicates_from_candidates(candidate: Tensor, t: Tensor, target: dict, topk: int = 4,
+                               duplicate_iou: float = 0.7) -> Tensor:
+    """One image: candidates and alignment ``(Q, n)`` -> bool ``(n,)``, True for the pseudo-boxes to drop.
+
+    The rule of ``rpf_duplicate_pseudo_labels`` on given candidate sets (``target`` needs ``scores``).
+    """
+    if "scores" not in target:
+        raise ValueError("rpf_duplicate_pseudo_labels needs pseudo-label targets with 'scores'.")
+    top = _topk_mask(t, topk, allowed=candidate)  # P_j: box j's own top-k, before conflict resolution
+    shared = candidate.T.float() @ top.float()  # (n, n): |C_i ∩ P_j|
+    covered = (shared == top.sum(0)[None]) & top.any(0)[None]
+    boxes = box_cxcywh_to_xyxy(target["boxes"].float())
+    overlap = box_iou(boxes, boxes) >= duplicate_iou
+    labels, scores = target["class_labels"], target["scores"]
+    index = torch.arange(len(scores), device=scores.device)
+    ahead = (scores[:, None] > scores[None]) | ((scores[:, None] == scores[None]) & (index[:, None] < index[None]))
+    same_class = labels[:, None] == labels[None]
+    return (covered & overlap & same_class & ahead).any(0)
+
+
+@torch.no_grad()
+def rpf_duplicate_pseudo_labels(logits: Tensor, pred_boxes: Tensor, targets: list[dict], groups: int = 6,
+                                topk: int = 4, jitter: float = 0.1, alpha: float = 1.0, beta: float = 6.0,
+                                duplicate_iou: float = 0.7, generator: torch.Generator | None = None,
+                                matcher: HungarianMatcher | None = None) -> list[Tensor]:
+    """Reliable Pseudo-Label Filtering, one-to-one side (SPEC §4, our reading): which pseudo-boxes are duplicates.
+
+    With candidate sets ``C_j`` as in ``rpf_assign`` (before any conflict resolution) and ``P_j`` = the ``topk``
+    candidates of box j of largest ``t = s^alpha * IoU^beta`` (against box j, ``t > 0``), pseudo-box j is a
+    duplicate when some pseudo-box i ranked ahead of it (higher ``scores``; equal scores: lower index) has the same
+    class, ``IoU(i, j) >= duplicate_iou`` and ``P_j`` non-empty and contained in ``C_i``: everything that fits j
+    is also claimed by i. The test is against every box ranked ahead, dropped or not (no NMS-style chaining).
+    Targets must carry ``scores (n,)``. Returns per image a bool ``(n,)`` mask, True = drop.
+    """
+    candidates = rpf_candidates(logits, pred_boxes, targets, groups, jitter, generator, matcher)
+    masks = []
+    for image_logits, image_boxes, target, candidate in zip(logits, pred_boxes, targets, candidates):
+        if candidate.shape[1] == 0:
+            masks.append(torch.zeros(0, dtype=torch.bool, device=logits.device))
+            continue
+        t, _ = _alignment(image_logits, image_boxes, target["class_labels"], target["boxes"], alpha, beta)
+        masks.append(duplicates_from_candidates(candidate, t, target, topk, duplicate_iou))
+    return masks
