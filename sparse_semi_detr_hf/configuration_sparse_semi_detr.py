@@ -17,7 +17,7 @@ class SparseSemiDetrConfig(PretrainedConfig):
     Args:
         num_labels (`int`, defaults to 91 via `id2label`/`num_labels`): number of object classes (no background class).
         backbone (`str`, defaults to `"resnet50"`): timm model name, built with `features_only=True`.
-        backbone_out_indices (`list[int]`, defaults to `[2, 3, 4]`): timm feature indices (strides 8, 16, 32 for ResNets).
+        backbone_out_indices (`list[int]`, defaults to `[2, 3, 4]`): timm feature indices (strides 8/16/32 on ResNets).
         backbone_kwargs (`dict`, *optional*): extra keyword arguments for `timm.create_model`.
         use_pretrained_backbone (`bool`, defaults to `False`): the backbone should start from timm's ImageNet weights.
             Building a model never downloads anything; the trainer (or `model.load_pretrained_backbone()`) does.
@@ -233,7 +233,8 @@ class SparseSemiDetrConfig(PretrainedConfig):
                 raise ValueError(f"{level_field}={level} is not a neck level (0..{self.num_feature_levels - 1}).")
         if self.qrm_reduced_dim % self.qrm_attention_heads:
             raise ValueError(
-                f"qrm_attention_heads={self.qrm_attention_heads} does not divide qrm_reduced_dim={self.qrm_reduced_dim}."
+                f"qrm_attention_heads={self.qrm_attention_heads} does not divide "
+                f"qrm_reduced_dim={self.qrm_reduced_dim}."
             )
         _choice(self, "query_mode", QUERY_MODES)
         _choice(self, "deformable_attention_backend", ATTENTION_BACKENDS)

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny seeded configs and synthetic batches (CPU, no network)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_config_kwargs(**overrides) -> dict:
+    """A DINO small enough for CPU tests: resnet18 from scratch, d_model 32, 2+2 layers, 20 queries."""
+    kwargs = dict(
+        backbone="resnet18",
+        freeze_backbone_batch_norm=False,
+        num_labels=3,
+        d_model=32,
+        neck_group_norm_groups=8,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_queries=20,
+        num_denoising_queries=8,
+        num_detections=30,
+        qrm_reduced_dim=16,
+        qrm_attention_heads=2,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture
+def tiny_config():
+    from sparse_semi_detr_hf import SparseSemiDetrConfig
+
+    return SparseSemiDetrConfig(**tiny_config_kwargs())
+
+
+def random_targets(batch_size: int, counts: list[int], num_labels: int = 3, generator=None) -> list[dict]:
+    """Targets with ``counts[b]`` random boxes (cxcywh in [0.2, 0.8], sides in [0.1, 0.3])."""
+    targets = []
+    for b in range(batch_size):
+        n = counts[b]
+        centres = torch.rand(n, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(n, 2, generator=generator) * 0.2 + 0.1
+        targets.append(
+            {
+                "class_labels": torch.randint(0, num_labels, (n,), generator=generator),
+                "boxes": torch.cat((centres, sizes), -1),
+            }
+        )
+    return targets
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

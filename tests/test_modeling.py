@@ -1,0 +1,171 @@
+"""Tiny-config tests of the detector: shapes, loss bookkeeping, query-group isolation, save/load."""
+
+import pytest
+import torch
+from conftest import random_targets, tiny_config_kwargs
+
+from sparse_semi_detr_hf import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection
+from sparse_semi_detr_hf.query_groups import QueryGroup, build_decoder_attention_mask
+
+
+def make_model(**overrides) -> SparseSemiDetrForObjectDetection:
+    torch.manual_seed(0)
+    return SparseSemiDetrForObjectDetection(SparseSemiDetrConfig(**tiny_config_kwargs(**overrides)))
+
+
+def make_inputs(batch_size: int = 2, size: int = 64):
+    pixel_values = torch.randn(batch_size, 3, size, size)
+    pixel_mask = torch.ones(batch_size, size, size, dtype=torch.long)
+    pixel_mask[-1, :, size - 16:] = 0  # last image is padded on the right
+    return pixel_values, pixel_mask
+
+
+def test_output_shapes_and_weighted_loss():
+    model = make_model().train()
+    pixel_values, pixel_mask = make_inputs()
+    labels = random_targets(2, [3, 1])
+    out = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
+    config = model.config
+    assert out.logits.shape == (2, config.num_queries, config.num_labels)
+    assert out.pred_boxes.shape == (2, config.num_queries, 4)
+    assert len(out.auxiliary_outputs) == config.decoder_layers - 1
+    assert out.decoder_hidden_states.shape == (config.decoder_layers, 2, config.num_queries, config.d_model)
+    assert out.enc_outputs_class.shape == (2, config.num_queries, config.num_labels)
+    assert out.denoising_meta.pad_size == 3
+    assert out.dn_logits.shape[2] == out.denoising_meta.num_queries
+    assert torch.isfinite(out.loss)
+    weights = model.criterion.weight_dict
+    expected = sum(weights[key] * value for key, value in out.loss_dict.items())
+    torch.testing.assert_close(out.loss, expected)
+    for suffix in ("", "_0", "_enc", "_dn", "_dn_0"):
+        assert f"loss_ce{suffix}" in out.loss_dict and f"loss_giou{suffix}" in out.loss_dict
+
+
+def test_backward_reaches_every_detector_parameter():
+    model = make_model(query_mode="none").train()
+    pixel_values, pixel_mask = make_inputs()
+    out = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=random_targets(2, [2, 2]))
+    out.loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+
+
+def test_zero_targets_give_background_only_loss():
+    model = make_model().train()
+    pixel_values, pixel_mask = make_inputs()
+    out = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=random_targets(2, [0, 0]))
+    assert out.denoising_meta is None
+    assert torch.isfinite(out.loss) and out.loss > 0
+    assert out.loss_dict["loss_bbox"] == 0 and out.loss_dict["loss_giou"] == 0
+    out.loss.backward()
+    assert model.model.label_embedding.weight.grad is not None  # kept in the graph for DDP
+
+
+def test_denoising_queries_do_not_change_matching_outputs():
+    model = make_model().eval()
+    pixel_values, pixel_mask = make_inputs()
+    labels = random_targets(2, [3, 2])
+    with torch.no_grad():
+        plain = model(pixel_values=pixel_values, pixel_mask=pixel_mask, denoising=False)
+        with_dn = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels, denoising=True)
+        other_labels = random_targets(2, [3, 2])
+        with_other_dn = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=other_labels, denoising=True)
+    assert with_dn.dn_logits is not None
+    torch.testing.assert_close(with_dn.logits, plain.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_dn.pred_boxes, plain.pred_boxes, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(with_dn.dn_boxes, with_other_dn.dn_boxes)  # the denoising queries did change
+
+
+def test_extra_groups_are_isolated_from_matching_and_each_other():
+    model = make_model().eval()
+    pixel_values, pixel_mask = make_inputs()
+    d = model.config.d_model
+
+    def group(seed: int) -> QueryGroup:
+        g = torch.Generator().manual_seed(seed)
+        valid = torch.tensor([[True, True, False], [True, False, False]])
+        return QueryGroup(torch.randn(2, 3, d, generator=g), torch.rand(2, 3, 4, generator=g) * 0.5 + 0.25, valid)
+
+    with torch.no_grad():
+        state = model.model.encode(pixel_values, pixel_mask)
+        plain = model.model.decode(state)
+        first = model.model.decode(state, extra_query_groups=[group(1), group(2)])
+        second = model.model.decode(state, extra_query_groups=[group(3), group(2)])
+    torch.testing.assert_close(first.logits, plain.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first.groups[1].hidden_states, second.groups[1].hidden_states, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(first.groups[0].hidden_states, second.groups[0].hidden_states)
+    # A padded slot does not influence the valid queries of its own group.
+    third_group = group(1)
+    third_group.content[0, 2] += 100.0
+    with torch.no_grad():
+        third = model.model.decode(state, extra_query_groups=[third_group, group(2)])
+    torch.testing.assert_close(
+        third.groups[0].hidden_states[:, 0, :2], first.groups[0].hidden_states[:, 0, :2], atol=1e-5, rtol=1e-5
+    )
+
+
+def test_attention_mask_block_structure():
+    valid = torch.tensor([[True, False]])
+    groups = [QueryGroup(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4), valid, see_matching=True)]
+    mask = build_decoder_attention_mask(groups, num_denoising_groups=2, denoising_group_size=2, num_matching=3,
+                                        device="cpu")[0, 0]
+    assert mask.shape == (9, 9)
+    matching = slice(6, 9)
+    assert mask[matching, matching].all() and not mask[matching, :6].any()
+    assert mask[0, 0] and not mask[0, 1] and mask[0, matching].all()  # valid query sees itself + matching
+    assert mask[1, 1] and not mask[1, 0] and not mask[1, matching].any()  # padded row sees only itself
+    assert mask[2:4, 2:4].all() and not mask[2:4, 4:6].any() and not mask[4:6, 2:4].any()  # dn groups apart
+    assert mask[2:6, matching].all() and not mask[2:6, 0:2].any()
+    assert build_decoder_attention_mask([], 0, 0, 5, "cpu") is None
+
+
+def test_save_and_load_give_identical_logits(tmp_path):
+    model = make_model().eval()
+    pixel_values, pixel_mask = make_inputs()
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values, pixel_mask=pixel_mask).logits
+    model.save_pretrained(tmp_path)
+    reloaded = SparseSemiDetrForObjectDetection.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        actual = reloaded(pixel_values=pixel_values, pixel_mask=pixel_mask).logits
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+
+
+def test_return_dict_false_gives_tuple():
+    model = make_model().eval()
+    pixel_values, pixel_mask = make_inputs(1)
+    with torch.no_grad():
+        out = model(pixel_values=pixel_values, pixel_mask=pixel_mask, return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape[-1] == model.config.num_labels
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"d_model": 30, "encoder_attention_heads": 4}, "encoder_attention_heads"),
+        ({"num_labels": 0}, "num_labels"),
+        ({"num_feature_levels": 2}, "num_feature_levels"),
+        ({"query_mode": "dense"}, "query_mode"),
+        ({"qrm_low_res_level": 7}, "qrm_low_res_level"),
+        ({"num_queries": 0}, "num_queries"),
+        ({"pseudo_label_threshold": 1.5}, "pseudo_label_threshold"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SparseSemiDetrConfig(**kwargs)
+
+
+def test_backbone_out_indices_that_do_not_fit_are_reported():
+    with pytest.raises(ValueError, match="backbone_out_indices"):
+        make_model(backbone_out_indices=[2, 3, 9])
+
+
+def test_default_config_builds_and_runs_offline():
+    config = SparseSemiDetrConfig()
+    assert (config.backbone, config.num_queries, config.d_model, config.encoder_layers) == ("resnet50", 900, 256, 6)
+    model = SparseSemiDetrForObjectDetection(config).eval()
+    with torch.no_grad():
+        out = model(pixel_values=torch.randn(1, 3, 320, 320))
+    assert out.logits.shape == (1, 900, config.num_labels)
+    assert torch.isfinite(out.pred_boxes).all()

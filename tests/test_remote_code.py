@@ -1,0 +1,88 @@
+"""Auto classes, remote code in a process that cannot import the package, and the object-detection pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+from conftest import tiny_config_kwargs
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection, pipeline
+
+from sparse_semi_detr_hf import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection, SparseSemiDetrImageProcessor
+
+
+def save_tiny_model(folder) -> tuple[SparseSemiDetrForObjectDetection, SparseSemiDetrImageProcessor]:
+    torch.manual_seed(0)
+    config = SparseSemiDetrConfig(**tiny_config_kwargs(id2label={0: "cat", 1: "dog", 2: "bird"}))
+    model = SparseSemiDetrForObjectDetection(config).eval()
+    processor = SparseSemiDetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def test_auto_classes_resolve_to_our_classes(tmp_path):
+    save_tiny_model(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), SparseSemiDetrConfig)
+    assert isinstance(AutoModelForObjectDetection.from_pretrained(tmp_path), SparseSemiDetrForObjectDetection)
+    assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), SparseSemiDetrImageProcessor)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForObjectDetection"].endswith("SparseSemiDetrForObjectDetection")
+    for name in ("modeling_sparse_semi_detr.py", "configuration_sparse_semi_detr.py", "deformable_attention.py",
+                 "image_processing_sparse_semi_detr.py", "loss.py", "query_refinement.py"):
+        assert (tmp_path / name).exists(), name
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.modules["sparse_semi_detr_hf"] = None  # the package must not be importable here
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+    folder, inputs_path, out_path = sys.argv[1:4]
+    model = AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert "sparse_semi_detr_hf" not in type(model).__module__, type(model).__module__
+    inputs = torch.load(inputs_path)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    torch.save({"logits": logits, "processor": type(processor).__name__}, out_path)
+    """
+)
+
+
+def test_remote_code_in_clean_process_gives_identical_logits(tmp_path):
+    folder = tmp_path / "model"
+    model, processor = save_tiny_model(folder)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    inputs = dict(processor(images=[image], return_tensors="pt"))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    script = tmp_path / "remote.py"
+    script.write_text(REMOTE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert out["processor"] == "SparseSemiDetrImageProcessor"
+    torch.testing.assert_close(out["logits"], expected, atol=0, rtol=0)
+
+
+def test_object_detection_pipeline_returns_detections(tmp_path):
+    save_tiny_model(tmp_path)
+    detector = pipeline("object-detection", model=str(tmp_path), device="cpu")
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    detections = detector(image, threshold=0.0)
+    assert len(detections) > 0
+    first = detections[0]
+    assert set(first) == {"score", "label", "box"}
+    assert first["label"] in {"cat", "dog", "bird"}
+    assert 0 <= first["box"]["xmin"] <= first["box"]["xmax"] <= 80
