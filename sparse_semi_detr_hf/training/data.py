@@ -1,0 +1,578 @@
+"""Training-side data: ``datasets`` loaders, COCO-Partial splits, streaming, torch wrappers and collates.
+
+Every detection ``datasets.Dataset`` made here has the same schema (:func:`detection_features`)::
+
+    image     Image()          lazily decoded (COCO folders store only the file path)
+    image_id  int64
+    width     int32            original image size in pixels
+    height    int32
+    objects   {id: [int64], area: [float32], bbox: [[float32 x4]] COCO xywh absolute pixels,
+               category: [ClassLabel] contiguous labels 0..C-1, iscrowd: [int64]}
+
+``ds.info.description`` holds JSON ``{"category_ids": [...]}``: the original category id of each contiguous
+label (:func:`dataset_category_ids`). The batch layout follows docs/architecture.md ("Training side data contract").
+"""
+
+import glob
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+import torchvision.transforms.v2.functional as TF
+from datasets import ClassLabel, Dataset, DatasetInfo, Features, Image, IterableDataset, List, Value
+from datasets.distributed import split_dataset_by_node
+from torch import Tensor
+
+from ..box_ops import box_xyxy_to_cxcywh
+from .transforms import View
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
+
+
+# ----------------------------------------------------------------------------------------------- schema
+def detection_features(class_names: Sequence[str]) -> Features:
+    """The common detection schema with ``objects.category`` a ``ClassLabel`` over ``class_names``."""
+    return Features({
+        "image": Image(),
+        "image_id": Value("int64"),
+        "width": Value("int32"),
+        "height": Value("int32"),
+        "objects": {
+            "id": List(Value("int64")),
+            "area": List(Value("float32")),
+            "bbox": List(List(Value("float32"), length=4)),
+            "category": List(ClassLabel(names=list(class_names))),
+            "iscrowd": List(Value("int64")),
+        },
+    })
+
+
+def dataset_id2label(ds: Dataset | IterableDataset) -> dict[int, str]:
+    """``{contiguous label: class name}`` read from ``objects.category``."""
+    return dict(enumerate(ds.features["objects"]["category"].feature.names))
+
+
+def dataset_label2id(ds: Dataset | IterableDataset) -> dict[str, int]:
+    """``{class name: contiguous label}``."""
+    return {name: i for i, name in dataset_id2label(ds).items()}
+
+
+def dataset_category_ids(ds: Dataset | IterableDataset) -> list[int]:
+    """Original (e.g. COCO) category id of each contiguous label; ``range(C)`` when none was recorded."""
+    try:
+        return list(json.loads(ds.info.description or "{}")["category_ids"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        return list(range(len(dataset_id2label(ds))))
+
+
+def _info(category_ids: Sequence[int], features: Features, **extra) -> DatasetInfo:
+    description = json.dumps({"category_ids": [int(c) for c in category_ids], **extra})
+    return DatasetInfo(description=description, features=features)
+
+
+def _valid_xywh(bbox) -> bool:
+    if bbox is None or len(bbox) != 4:
+        return False
+    x, y, w, h = (float(v) for v in bbox)
+    return all(math.isfinite(v) for v in (x, y, w, h)) and w > 0 and h > 0
+
+
+def _warn_dropped(dropped: int, source: str, examples: list) -> None:
+    if dropped:
+        logger.warning("dropped %d annotations with non-finite or non-positive-size boxes from %s (e.g. ids %s)",
+                       dropped, source, examples[:5])
+
+
+# ----------------------------------------------------------------------------------------------- COCO folder
+def _coco_categories(coco: dict, source: str) -> tuple[list[int], list[str]]:
+    cats = sorted(coco.get("categories", []), key=lambda c: c["id"])
+    ids, names = [int(c["id"]) for c in cats], [str(c["name"]) for c in cats]
+    if not cats:
+        raise ValueError(f"{source}: no categories")
+    if len(set(ids)) != len(ids) or len(set(names)) != len(names):
+        raise ValueError(f"{source}: duplicate category ids or names in {list(zip(ids, names))}")
+    return ids, names
+
+
+def _coco_images(coco: dict, images_dir: str, source: str) -> list[dict]:
+    images = sorted(coco.get("images", []), key=lambda im: im["id"])
+    ids = [im["id"] for im in images]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{source}: duplicate image ids")
+    missing = [im["file_name"] for im in images if not os.path.isfile(os.path.join(images_dir, im["file_name"]))]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image files listed in {source} are missing under {images_dir}: "
+                                f"{missing[:5]}")
+    for im in images:
+        if "width" not in im or "height" not in im:
+            with PIL.Image.open(os.path.join(images_dir, im["file_name"])) as pil:
+                im["width"], im["height"] = pil.size
+    return images
+
+
+def _coco_objects(coco: dict, image_ids: set, cat_to_label: dict, source: str) -> dict[int, dict]:
+    objects = {i: {"id": [], "area": [], "bbox": [], "category": [], "iscrowd": []} for i in image_ids}
+    dropped = []
+    for ann in coco.get("annotations", []):
+        if ann.get("category_id") not in cat_to_label:
+            raise ValueError(f"{source}: annotation id {ann.get('id')} (image {ann.get('image_id')}) has unknown "
+                             f"category_id {ann.get('category_id')}; known ids: {sorted(cat_to_label)}")
+        if ann.get("image_id") not in objects:
+            raise ValueError(f"{source}: annotation id {ann.get('id')} refers to unknown image_id "
+                             f"{ann.get('image_id')}")
+        if not _valid_xywh(ann.get("bbox")):
+            dropped.append(ann.get("id"))
+            continue
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        obj = objects[ann["image_id"]]
+        obj["id"].append(int(ann.get("id", -1)))
+        obj["area"].append(float(ann.get("area", w * h)))
+        obj["bbox"].append([x, y, w, h])
+        obj["category"].append(cat_to_label[ann["category_id"]])
+        obj["iscrowd"].append(int(ann.get("iscrowd", 0)))
+    _warn_dropped(len(dropped), source, dropped)
+    return objects
+
+
+def load_coco_folder(images_dir: str, annotations_json: str) -> Dataset:
+    """Load a COCO-format detection set (image folder + instances json) into the common schema.
+
+    Category ids become contiguous labels in sorted-id order (original ids: :func:`dataset_category_ids`).
+    Images are stored as paths and decoded lazily. Raises ``FileNotFoundError`` for missing image files and
+    ``ValueError`` for annotations with an unknown category or image id; non-finite or non-positive-size boxes
+    are dropped with one logged warning.
+    """
+    with open(annotations_json) as f:
+        coco = json.load(f)
+    cat_ids, names = _coco_categories(coco, annotations_json)
+    images = _coco_images(coco, images_dir, annotations_json)
+    objects = _coco_objects(coco, {im["id"] for im in images}, {c: i for i, c in enumerate(cat_ids)},
+                            annotations_json)
+    columns = {
+        "image": [os.path.join(images_dir, im["file_name"]) for im in images],
+        "image_id": [int(im["id"]) for im in images],
+        "width": [int(im["width"]) for im in images],
+        "height": [int(im["height"]) for im in images],
+        "objects": [objects[im["id"]] for im in images],
+    }
+    features = detection_features(names)
+    return Dataset.from_dict(columns, features=features, info=_info(cat_ids, features))
+
+
+# ----------------------------------------------------------------------------------------------- unlabeled
+def _image_files(folder: str) -> list[str]:
+    files = glob.glob(os.path.join(glob.escape(folder), "**", "*"), recursive=True)
+    return sorted(f for f in files if os.path.isfile(f) and f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def load_unlabeled_images(path: str, images_dir: str | None = None, read_sizes: bool = False) -> Dataset:
+    """Unlabeled images from a folder (recursive, common extensions) or a COCO json (annotations ignored).
+
+    Folder: ``image_id`` is the index in sorted path order; ``width``/``height`` only with ``read_sizes``
+    (reads each file's header). COCO json: ids and sizes from the json; files under ``images_dir`` (default:
+    ``<json dir>/images`` if it exists, else the json's directory). Returns ``Dataset(image, image_id[, width,
+    height])`` with lazy images.
+    """
+    if os.path.isdir(path):
+        files = _image_files(path)
+        if not files:
+            raise FileNotFoundError(f"no images with extensions {IMAGE_EXTENSIONS} under {path}")
+        columns = {"image": files, "image_id": list(range(len(files)))}
+        if read_sizes:
+            sizes = [_header_size(f) for f in files]
+            columns.update(width=[s[0] for s in sizes], height=[s[1] for s in sizes])
+    else:
+        with open(path) as f:
+            coco = json.load(f)
+        if images_dir is None:
+            parent = os.path.dirname(os.path.abspath(path))
+            images_dir = os.path.join(parent, "images") if os.path.isdir(os.path.join(parent, "images")) else parent
+        images = _coco_images(coco, images_dir, path)
+        columns = {"image": [os.path.join(images_dir, im["file_name"]) for im in images],
+                   "image_id": [int(im["id"]) for im in images],
+                   "width": [int(im["width"]) for im in images], "height": [int(im["height"]) for im in images]}
+    features = {"image": Image(), "image_id": Value("int64")}
+    features.update({k: Value("int32") for k in ("width", "height") if k in columns})
+    return Dataset.from_dict(columns, features=Features(features))
+
+
+def _header_size(path_or_value) -> tuple[int, int]:
+    """``(w, h)`` read from the image header only."""
+    if isinstance(path_or_value, dict):
+        path_or_value = io.BytesIO(path_or_value["bytes"]) if path_or_value.get("bytes") else path_or_value["path"]
+    with PIL.Image.open(path_or_value) as pil:
+        return pil.size
+
+
+# ----------------------------------------------------------------------------------------------- Hub datasets
+def _category_names(ds: Dataset, objects_column: str, category_key: str) -> tuple[list[str], dict | None]:
+    """Class names and, for string categories, a name -> label mapping."""
+    feat = ds.features[objects_column]
+    feat = feat.feature if isinstance(feat, List) else feat
+    cat = feat[category_key]
+    cat = cat.feature if isinstance(cat, List) else cat
+    if isinstance(cat, ClassLabel):
+        return list(cat.names), None
+    values = [c for objs in ds[objects_column] for c in _as_dict_of_lists(objs)[category_key]]
+    if cat.dtype == "string":
+        names = sorted(set(values))
+        return names, {n: i for i, n in enumerate(names)}
+    return [f"class_{i}" for i in range(max(values, default=-1) + 1)], None
+
+
+def _as_dict_of_lists(objects) -> dict:
+    if isinstance(objects, dict):
+        return objects
+    keys = objects[0].keys() if objects else ()
+    return {k: [o[k] for o in objects] for k in keys}
+
+
+def _normalize_objects(objs: dict, category_key: str, bbox_format: str, name_map: dict | None, next_id: int):
+    """Objects of one example in the common layout, and the number of dropped boxes."""
+    out = {"id": [], "area": [], "bbox": [], "category": [], "iscrowd": []}
+    n = len(objs.get("bbox", []))
+    dropped = 0
+    for j in range(n):
+        box = [float(v) for v in objs["bbox"][j]]
+        if bbox_format == "xyxy" and len(box) == 4:
+            box = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+        if not _valid_xywh(box):
+            dropped += 1
+            continue
+        cat = objs[category_key][j]
+        out["id"].append(int(objs["id"][j]) if "id" in objs else next_id + j)
+        out["area"].append(float(objs["area"][j]) if "area" in objs else box[2] * box[3])
+        out["bbox"].append(box)
+        out["category"].append(name_map[cat] if name_map is not None else int(cat))
+        out["iscrowd"].append(int(objs["iscrowd"][j]) if "iscrowd" in objs else 0)
+    return out, dropped
+
+
+def normalize_detection_dataset(ds: Dataset, bbox_format: str = "coco", image_column: str = "image",
+                                objects_column: str = "objects", category_key: str = "category") -> Dataset:
+    """Bring a Hub-style detection dataset (cppe-5 layout) to the common schema.
+
+    Accepts ``objects`` as a dict of lists or a list of dicts with ``bbox`` (``bbox_format`` ``"coco"`` xywh or
+    ``"xyxy"``, absolute pixels) and ``category`` (``ClassLabel``, int or string); ``id``, ``area``, ``iscrowd``,
+    ``image_id``, ``width``, ``height`` are filled in when missing (ids from the row index, sizes from the image
+    header). Invalid boxes are dropped with a logged count.
+    """
+    if bbox_format not in ("coco", "xyxy"):
+        raise ValueError(f"bbox_format must be 'coco' or 'xyxy', got {bbox_format!r}")
+    if image_column != "image":
+        ds = ds.rename_column(image_column, "image")
+    names, name_map = _category_names(ds, objects_column, category_key)
+    ds = ds.cast_column("image", Image(decode=False))
+    has = set(ds.column_names)
+
+    def convert(example, idx):
+        objs, dropped = _normalize_objects(_as_dict_of_lists(example[objects_column]), category_key, bbox_format,
+                                           name_map, next_id=idx * 1000)
+        w, h = ((example["width"], example["height"]) if {"width", "height"} <= has
+                else _header_size(example["image"]))
+        image_id = example["image_id"] if "image_id" in has else idx
+        return {"image_id": image_id, "width": w, "height": h, "objects": objs, "_dropped": dropped}
+
+    features = detection_features(names)
+    features["image"] = Image(decode=False)
+    features["_dropped"] = Value("int64")
+    out = ds.map(convert, with_indices=True, features=features,
+                 remove_columns=[c for c in ds.column_names if c != "image"])
+    _warn_dropped(int(sum(out["_dropped"])), "the dataset", [])
+    out = out.remove_columns("_dropped").cast_column("image", Image())
+    out.info.description = json.dumps({"category_ids": list(range(len(names)))})
+    return out
+
+
+def load_hub_detection_dataset(name: str, split: str = "train", config_name: str | None = None,
+                               revision: str | None = None, bbox_format: str = "coco", **load_kwargs) -> Dataset:
+    """``datasets.load_dataset(name, config_name, split=split, revision=revision, **load_kwargs)``, then
+    :func:`normalize_detection_dataset` (see docs/datasets.md for the expected layout)."""
+    from datasets import load_dataset
+
+    ds = load_dataset(name, config_name, split=split, revision=revision, **load_kwargs)
+    return normalize_detection_dataset(ds, bbox_format=bbox_format)
+
+
+# ----------------------------------------------------------------------------------------------- splits
+def read_image_id_list(path: str) -> list[int]:
+    """Image ids from a text file (one per line, ``#`` comments) or a json (list of ids or a COCO dict)."""
+    with open(path) as f:
+        text = f.read()
+    if path.lower().endswith(".json"):
+        data = json.loads(text)
+        return [int(im["id"]) for im in data["images"]] if isinstance(data, dict) else [int(i) for i in data]
+    return [int(line.split("#")[0]) for line in text.splitlines() if line.split("#")[0].strip()]
+
+
+def split_labeled_unlabeled(ds: Dataset, labeled_percent: float | None = None, fold: int = 0, seed: int = 0,
+                            labeled_ids: Iterable[int] | str | None = None) -> tuple[Dataset, Dataset]:
+    """COCO-Partial style split into ``(labeled, unlabeled)``; both keep ``ds``'s row order and columns.
+
+    Either ``labeled_ids`` (ids or a file for :func:`read_image_id_list`) or ``labeled_percent`` in ``(0, 100]``:
+    the first ``round(N * p / 100)`` (at least 1) of a ``numpy.random.default_rng([seed, fold])`` permutation
+    of the sorted image ids are labeled, so the split is the same on every machine. The unlabeled part keeps
+    its annotations (only for measuring pseudo-label quality; never train on them).
+    """
+    ids = [int(i) for i in ds["image_id"]]
+    if len(set(ids)) != len(ids):
+        raise ValueError("image_id values must be unique to split a dataset")
+    if labeled_ids is not None:
+        chosen = set(read_image_id_list(labeled_ids) if isinstance(labeled_ids, str) else map(int, labeled_ids))
+        unknown = chosen - set(ids)
+        if unknown:
+            raise ValueError(f"{len(unknown)} labeled ids are not in the dataset, e.g. {sorted(unknown)[:5]}")
+    elif labeled_percent is not None and 0 < labeled_percent <= 100:
+        order = np.random.default_rng([seed, fold]).permutation(len(ids))
+        n_labeled = max(1, int(round(len(ids) * labeled_percent / 100)))
+        chosen = set(np.asarray(sorted(ids))[order[:n_labeled]].tolist())
+    else:
+        raise ValueError(f"give labeled_ids or labeled_percent in (0, 100], got {labeled_percent}")
+    labeled = [i for i, image_id in enumerate(ids) if image_id in chosen]
+    unlabeled = [i for i, image_id in enumerate(ids) if image_id not in chosen]
+    return ds.select(labeled), ds.select(unlabeled)
+
+
+# ----------------------------------------------------------------------------------------------- streaming
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def as_streaming(source: Dataset | str, num_shards: int = 64, rank: int | None = None,
+                 world_size: int | None = None, seed: int = 0, shuffle_buffer: int = 1000,
+                 decode_images: bool = False) -> IterableDataset:
+    """An ``IterableDataset`` of ``source`` (a Dataset, an image folder or a COCO json) for this process.
+
+    Sharded into ``num_shards`` (clamped to the row count), shuffled with the fixed ``seed`` (the same on every
+    rank; call ``set_epoch`` each epoch), then ``split_dataset_by_node(ds, rank, world_size)``. ``rank`` and
+    ``world_size`` default to ``torch.distributed`` (or ``RANK``/``WORLD_SIZE``). Images stay undecoded
+    (``{"bytes", "path"}``) unless ``decode_images`` so that the wrappers can skip corrupt files.
+    """
+    ds = source if isinstance(source, Dataset) else load_unlabeled_images(source)
+    if not decode_images:
+        ds = ds.cast_column("image", Image(decode=False))
+    stream = ds.to_iterable_dataset(num_shards=max(1, min(num_shards, len(ds))))
+    if shuffle_buffer > 0:
+        stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
+    rank, world_size = _rank_and_world(rank, world_size)
+    return split_dataset_by_node(stream, rank=rank, world_size=world_size) if world_size > 1 else stream
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+def decode_image(value) -> Tensor:
+    """uint8 ``(3, H, W)`` RGB tensor from a PIL image, an ``{"bytes", "path"}`` dict or a path.
+
+    Raises ``OSError``/``ValueError``/``SyntaxError`` for unreadable files (PIL's errors).
+    """
+    if isinstance(value, dict):
+        value = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+    if isinstance(value, PIL.Image.Image):
+        return TF.pil_to_tensor(value.convert("RGB"))
+    with PIL.Image.open(value) as pil:
+        return TF.pil_to_tensor(pil.convert("RGB"))
+
+
+def _image_name(value) -> str:
+    return str(value.get("path") or "<bytes>") if isinstance(value, dict) else str(value)
+
+
+def _targets_from_objects(objects: dict | None, drop_crowd: bool) -> tuple[Tensor, Tensor]:
+    """``(boxes (n, 4) xyxy absolute, labels (n,))`` from COCO-layout objects."""
+    if not objects or not objects.get("bbox"):
+        return torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    boxes = torch.tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
+    labels = torch.tensor(objects["category"], dtype=torch.long)
+    if drop_crowd and objects.get("iscrowd"):
+        keep = torch.tensor(objects["iscrowd"]) == 0
+        boxes, labels = boxes[keep], labels[keep]
+    boxes[:, 2:] += boxes[:, :2]
+    return boxes, labels
+
+
+class _DecodingDataset(torch.utils.data.Dataset):
+    """Map-style base: undecoded rows, per-example RNG, corrupt images skipped deterministically."""
+
+    def __init__(self, hf_ds: Dataset, seed: int | None = None, max_skips: int = 50):
+        self.ds = hf_ds.cast_column("image", Image(decode=False))
+        self.seed, self.epoch, self.max_skips = seed, 0, max_skips
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the per-example seeds (only used when ``seed`` is set)."""
+        self.epoch = epoch
+
+    def rng(self, image_id: int) -> np.random.Generator:
+        """``default_rng([seed, epoch, image_id])``, or one seeded from torch's RNG when ``seed`` is None."""
+        if self.seed is None:
+            return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+        return np.random.default_rng([self.seed, self.epoch, int(image_id)])
+
+    def load(self, index: int) -> tuple[dict, Tensor]:
+        """``(row, image)`` for ``index``, or for the next readable index after it (with a warning)."""
+        for step in range(min(self.max_skips, len(self)) + 1):
+            i = (index + step) % len(self)
+            if i in self._bad:
+                continue
+            row = self.ds[i]
+            try:
+                return row, decode_image(row["image"])
+            except _DECODE_ERRORS as err:
+                self._bad.add(i)
+                logger.warning("skipping unreadable image %s (index %d, image_id %s): %s",
+                               _image_name(row["image"]), i, row.get("image_id"), err)
+        raise RuntimeError(f"no readable image within {self.max_skips} indices after {index}")
+
+
+class LabeledDetectionDataset(_DecodingDataset):
+    """Torch dataset of labeled views. ``transform(image, boxes, labels, rng) -> View`` (e.g. ``LabeledTransform``).
+
+    Item: ``{"image": uint8 (3, h, w), "boxes": (n, 4) xyxy view pixels, "class_labels": (n,), "image_id": int,
+    "orig_size": (h0, w0)}``. Crowd boxes are dropped when ``drop_crowd``.
+    """
+
+    def __init__(self, hf_ds: Dataset, transform: Callable, seed: int | None = None, drop_crowd: bool = True):
+        super().__init__(hf_ds, seed)
+        self.transform, self.drop_crowd = transform, drop_crowd
+
+    def __getitem__(self, index: int) -> dict:
+        row, image = self.load(index)
+        boxes, labels = _targets_from_objects(row.get("objects"), self.drop_crowd)
+        view = self.transform(image, boxes, labels, self.rng(row["image_id"]))
+        return {"image": view.image, "boxes": view.boxes, "class_labels": view.labels,
+                "image_id": int(row["image_id"]), "orig_size": tuple(image.shape[-2:])}
+
+
+def _pair_item(row: dict, image: Tensor, transform: Callable, rng: np.random.Generator, keep_gt: bool) -> dict:
+    has_gt = keep_gt and bool(row.get("objects"))
+    boxes, labels = _targets_from_objects(row.get("objects") if has_gt else None, drop_crowd=True)
+    weak, strong, weak_to_strong = transform(image, boxes, labels, rng)
+    return {"weak": weak, "strong": strong, "weak_to_strong": weak_to_strong, "image_id": int(row["image_id"]),
+            "orig_size": tuple(image.shape[-2:]), "has_gt": has_gt}
+
+
+class UnlabeledPairDataset(_DecodingDataset):
+    """Torch dataset of weak/strong pairs. ``transform(image, boxes, labels, rng) -> (weak, strong, weak_to_strong)``
+    (e.g. ``UnlabeledPairTransform``).
+
+    Item: ``{"weak": View, "strong": View, "weak_to_strong": (3, 3), "image_id", "orig_size", "has_gt"}``; the
+    views carry the image's ground truth when the rows have ``objects`` and ``keep_ground_truth`` (for measuring
+    pseudo-label quality only).
+    """
+
+    def __init__(self, hf_ds: Dataset, transform: Callable, seed: int | None = None, keep_ground_truth: bool = True):
+        super().__init__(hf_ds, seed)
+        self.transform, self.keep_gt = transform, keep_ground_truth and "objects" in hf_ds.column_names
+
+    def __getitem__(self, index: int) -> dict:
+        row, image = self.load(index)
+        return _pair_item(row, image, self.transform, self.rng(row["image_id"]), self.keep_gt)
+
+
+class UnlabeledPairIterableDataset(torch.utils.data.IterableDataset):
+    """Weak/strong pairs from a streamed ``IterableDataset`` (see :func:`as_streaming`); corrupt images are skipped
+    with a warning. Items as :class:`UnlabeledPairDataset`. DataLoader workers split the stream's shards."""
+
+    def __init__(self, stream: IterableDataset, transform: Callable, seed: int | None = None,
+                 keep_ground_truth: bool = True):
+        self.stream, self.transform, self.seed, self.epoch = stream, transform, seed, 0
+        self.keep_gt = keep_ground_truth
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle the stream and change the per-example seeds."""
+        self.epoch = epoch
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self):
+        for row in self.stream:
+            try:
+                image = decode_image(row["image"])
+            except _DECODE_ERRORS as err:
+                logger.warning("skipping unreadable image %s (image_id %s): %s", _image_name(row["image"]),
+                               row.get("image_id"), err)
+                continue
+            rng = (np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item())) if self.seed is None
+                   else np.random.default_rng([self.seed, self.epoch, int(row["image_id"])]))
+            yield _pair_item(row, image, self.transform, rng, self.keep_gt)
+
+
+# ----------------------------------------------------------------------------------------------- collate
+def pad_and_normalize(images: Sequence[Tensor], image_mean: Sequence[float] = IMAGENET_MEAN,
+                      image_std: Sequence[float] = IMAGENET_STD, pad_to_multiple: int = 1) -> tuple[Tensor, Tensor]:
+    """uint8 ``(3, h_i, w_i)`` images -> ``pixel_values (B, 3, H, W)`` float32 normalized (zero padding after
+    normalization, bottom/right) and ``pixel_mask (B, H, W)`` int64 (1 = real pixel)."""
+    h = max(int(im.shape[-2]) for im in images)
+    w = max(int(im.shape[-1]) for im in images)
+    h, w = -(-h // pad_to_multiple) * pad_to_multiple, -(-w // pad_to_multiple) * pad_to_multiple
+    pixel_values = torch.zeros(len(images), 3, h, w)
+    pixel_mask = torch.zeros(len(images), h, w, dtype=torch.long)
+    mean = torch.tensor(image_mean).view(3, 1, 1)
+    std = torch.tensor(image_std).view(3, 1, 1)
+    for i, im in enumerate(images):
+        ih, iw = im.shape[-2:]
+        pixel_values[i, :, :ih, :iw] = (im.float() / 255.0 - mean) / std
+        pixel_mask[i, :ih, :iw] = 1
+    return pixel_values, pixel_mask
+
+
+def normalized_targets(boxes: Tensor, labels: Tensor, size: tuple[int, int]) -> dict:
+    """``{"class_labels" (n,), "boxes" (n, 4) cxcywh / (w, h, w, h)}`` from xyxy pixels of an unpadded ``(h, w)``."""
+    h, w = size
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    return {"class_labels": labels.long(), "boxes": box_xyxy_to_cxcywh(boxes.float().reshape(-1, 4)) / scale}
+
+
+def collate_labeled(batch: Sequence[dict], image_mean: Sequence[float] = IMAGENET_MEAN,
+                    image_std: Sequence[float] = IMAGENET_STD, pad_to_multiple: int = 1) -> dict:
+    """Labeled batch: ``pixel_values (B, 3, H, W)``, ``pixel_mask (B, H, W)``, ``labels``: list of
+    ``{class_labels (n,), boxes (n, 4) normalized cxcywh of the unpadded view, image_id () int64,
+    orig_size (2,), size (2,)}`` (sizes are (h, w) int64)."""
+    pixel_values, pixel_mask = pad_and_normalize([b["image"] for b in batch], image_mean, image_std,
+                                                 pad_to_multiple)
+    labels = []
+    for b in batch:
+        size = tuple(b["image"].shape[-2:])
+        target = normalized_targets(b["boxes"], b["class_labels"], size)
+        target.update(image_id=torch.tensor(b["image_id"], dtype=torch.long),
+                      orig_size=torch.tensor(b["orig_size"], dtype=torch.long),
+                      size=torch.tensor(size, dtype=torch.long))
+        labels.append(target)
+    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels}
+
+
+def collate_unlabeled(batch: Sequence[dict], image_mean: Sequence[float] = IMAGENET_MEAN,
+                      image_std: Sequence[float] = IMAGENET_STD, pad_to_multiple: int = 1) -> dict:
+    """Unlabeled batch: ``weak_pixel_values``, ``weak_pixel_mask``, ``strong_pixel_values``, ``strong_pixel_mask``,
+    ``weak_to_strong (B, 3, 3)`` float32 (weak-view pixels -> strong-view pixels), ``weak_sizes``,
+    ``strong_sizes``, ``orig_sizes`` ``(B, 2)`` int64 (h, w), ``image_ids (B,)``; plus ``gt_labels`` (targets
+    normalized to the unpadded WEAK view) when every image carries ground truth."""
+    weak: list[View] = [b["weak"] for b in batch]
+    strong: list[View] = [b["strong"] for b in batch]
+    out = {}
+    for name, views in (("weak", weak), ("strong", strong)):
+        values, mask = pad_and_normalize([v.image for v in views], image_mean, image_std, pad_to_multiple)
+        out[f"{name}_pixel_values"], out[f"{name}_pixel_mask"] = values, mask
+        out[f"{name}_sizes"] = torch.tensor([v.size for v in views], dtype=torch.long).reshape(-1, 2)
+    out["weak_to_strong"] = torch.stack([b["weak_to_strong"] for b in batch]).float()
+    out["orig_sizes"] = torch.tensor([b["orig_size"] for b in batch], dtype=torch.long).reshape(-1, 2)
+    out["image_ids"] = torch.tensor([b["image_id"] for b in batch], dtype=torch.long)
+    if batch and all(b.get("has_gt") for b in batch):
+        out["gt_labels"] = [normalized_targets(v.boxes, v.labels, v.size) for v in weak]
+    return out
