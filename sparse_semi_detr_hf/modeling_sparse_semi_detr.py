@@ -150,7 +150,12 @@ class SparseSemiDetrPreTrainedModel(PreTrainedModel):
     _no_split_modules = None
 
     def _init_weights(self, module: nn.Module) -> None:
-        """DINO initialisation. The timm backbone keeps timm's own init (it is marked as initialized)."""
+        """DINO initialisation. The timm backbone keeps timm's own init (it is marked as initialized).
+
+        transformers calls this only for modules that own parameters (children before parents), so the
+        parameter-less containers (deformable attention, query selection) are initialized from the
+        ``SparseSemiDetrModel`` call, which comes after all of its children.
+        """
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
@@ -161,11 +166,11 @@ class SparseSemiDetrPreTrainedModel(PreTrainedModel):
             if module.weight is not None:
                 init.ones_(module.weight)
                 init.zeros_(module.bias)
-        if isinstance(module, MultiScaleDeformableAttention):
-            init_deformable_attention_(module)
-        elif isinstance(module, QuerySelection):
-            _init_detection_heads(module.class_head, module.box_head)
         elif isinstance(module, SparseSemiDetrModel):
+            for sub in module.modules():
+                if isinstance(sub, MultiScaleDeformableAttention):
+                    init_deformable_attention_(sub)
+            _init_detection_heads(module.query_selection.class_head, module.query_selection.box_head)
             _init_detection_heads(module.class_head, module.box_head)
             init.normal_(module.level_embed, mean=0.0, std=1.0)
 

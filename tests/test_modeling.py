@@ -169,3 +169,20 @@ def test_default_config_builds_and_runs_offline():
         out = model(pixel_values=torch.randn(1, 3, 320, 320))
     assert out.logits.shape == (1, 900, config.num_labels)
     assert torch.isfinite(out.pred_boxes).all()
+
+
+def test_dino_initialisation_reaches_parameterless_containers():
+    """Regression: transformers skips _init_weights on modules without own parameters (deformable attention,
+    query selection), which left the encoder class head at bias 0 (a focal loss of ~1000 on empty images)."""
+    model = make_model()
+    prior_bias = -torch.log(torch.tensor((1 - 0.01) / 0.01))
+    for head in (model.model.query_selection.class_head, model.model.class_head):
+        torch.testing.assert_close(head.bias.detach(), prior_bias.expand_as(head.bias))
+    for box_head in (model.model.query_selection.box_head, model.model.box_head):
+        assert box_head.layers[-1].weight.abs().max() == 0 and box_head.layers[-1].bias.abs().max() == 0
+    attention = model.model.encoder.layers[0].self_attn
+    assert attention.attention_weights.weight.abs().max() == 0
+    assert attention.sampling_offsets.bias.abs().max() > 0
+    with torch.no_grad():
+        out = model(pixel_values=torch.randn(2, 3, 64, 64), labels=random_targets(2, [0, 0]))
+    assert out.loss_dict["loss_ce_enc"] < 1.0
