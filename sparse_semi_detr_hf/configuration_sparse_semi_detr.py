@@ -56,6 +56,9 @@ class SparseSemiDetrConfig(PretrainedConfig):
         qrm_attention_on (`str`, defaults to `"low"`): which set gets attention (`low|high|both|none`), Table 10.
         qrm_use_similarity (`bool`, defaults to `True`): similarity matching that refines and drops queries (Table 11).
         qrm_similarity_threshold (`float`, defaults to 0.0): queries whose best cosine similarity is below are dropped.
+        qrm_alignment_temperature (`float`, defaults to 0.1): temperature of the QRM's alignment (InfoNCE) loss.
+        qrm_alignment_loss_coefficient (`float`, defaults to 1.0): weight of that loss (0 disables it); it teaches the
+            similarity step that a box's own high-resolution feature is its partner (docs/method.md).
         consistency_loss_coefficient (`float`, defaults to 10.0): weight of the student/teacher query consistency.
         consistency_see_matching (`bool`, defaults to `True`): extra query groups may attend to matching queries.
         pseudo_label_threshold (`float`, defaults to 0.4): teacher score threshold tau.
@@ -123,6 +126,8 @@ class SparseSemiDetrConfig(PretrainedConfig):
         qrm_attention_on: str = "low",
         qrm_use_similarity: bool = True,
         qrm_similarity_threshold: float = 0.0,
+        qrm_alignment_temperature: float = 0.1,
+        qrm_alignment_loss_coefficient: float = 1.0,
         consistency_loss_coefficient: float = 10.0,
         consistency_see_matching: bool = True,
         pseudo_label_threshold: float = 0.4,
@@ -185,6 +190,8 @@ class SparseSemiDetrConfig(PretrainedConfig):
         self.qrm_attention_on = qrm_attention_on
         self.qrm_use_similarity = qrm_use_similarity
         self.qrm_similarity_threshold = qrm_similarity_threshold
+        self.qrm_alignment_temperature = qrm_alignment_temperature
+        self.qrm_alignment_loss_coefficient = qrm_alignment_loss_coefficient
         self.consistency_loss_coefficient = consistency_loss_coefficient
         self.consistency_see_matching = consistency_see_matching
         self.pseudo_label_threshold = pseudo_label_threshold
@@ -241,9 +248,11 @@ class SparseSemiDetrConfig(PretrainedConfig):
         _choice(self, "qrm_attention_on", QRM_ATTENTION_ON)
         _unit_interval(self, "label_noise_ratio", "focal_alpha", "pseudo_label_threshold", "rpf_duplicate_iou",
                        "dropout")
-        for field in ("box_noise_scale", "rpf_jitter", "num_denoising_queries"):
+        for field in ("box_noise_scale", "rpf_jitter", "num_denoising_queries", "qrm_alignment_loss_coefficient"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0 (got {getattr(self, field)}).")
+        if not self.qrm_alignment_temperature > 0:
+            raise ValueError(f"qrm_alignment_temperature must be > 0 (got {self.qrm_alignment_temperature}).")
 
     @property
     def num_backbone_levels(self) -> int:

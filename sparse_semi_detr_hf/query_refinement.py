@@ -7,7 +7,8 @@ queries trains them.
 - ``extract_roi_features``: parameter-free RoIAlign of xyxy pixel boxes on chosen neck levels.
 - ``QueryRefinementModule`` (``query_mode="refined"``): attention on the low-resolution RoIs, mean pooling of
   the high-resolution RoIs, cosine-similarity matching that drops duplicates (``n' <= n``), and a linear
-  fusion of each kept low-resolution feature with its high-resolution partner (SPEC §3).
+  fusion of each kept low-resolution feature with its high-resolution partner (SPEC §3). It also returns an
+  alignment loss (``partner_alignment_loss``) that trains the similarity to pair each box with itself.
 - ``CrossViewProjector`` (``query_mode="cross_view"``): Semi-DETR's multi-level RoIAlign + conv/FC projector.
 - ``query_consistency_loss``: MSE of L2-normalized decoder states, summed over decoder layers.
 
@@ -102,12 +103,16 @@ class RefinedQueries:
         keep: ``(N',)`` long, ascending indices into the ``N`` input boxes (take their anchors with it).
         partner: ``(N',)`` long, index into the ``N`` inputs of the high-resolution feature each query was fused
             with (equals ``keep`` without the similarity step).
+        alignment_loss: float32 scalar, ``partner_alignment_loss`` of the similarity matrix (unweighted: the caller
+            multiplies by ``config.qrm_alignment_loss_coefficient``). A zero connected to the module's encoders when
+            no image has 2 boxes, when ``qrm_use_similarity`` is False or when that coefficient is 0.
     """
 
     content: Tensor
     batch_index: Tensor
     keep: Tensor
     partner: Tensor
+    alignment_loss: Tensor
 
 
 class RoiAttentionPool(nn.Module):
@@ -154,14 +159,53 @@ class RoiMeanPool(nn.Module):
         return self.proj(rois.mean(dim=(2, 3)))
 
 
+def same_image_similarity(low: Tensor, high: Tensor, batch_index: Tensor) -> Tensor:
+    """Cosine similarity ``S = norm(low) · norm(high)ᵀ`` in float32, ``-inf`` between boxes of different images.
+
+    Args:
+        low: ``(N, D)`` attended low-resolution features ``a``; high: ``(N, D)`` pooled high-resolution features ``h``.
+        batch_index: ``(N,)`` long image of every box.
+    Returns:
+        ``(N, N)`` float32, differentiable in ``low`` and ``high``; every row has its diagonal entry finite.
+    """
+    similarity = F.normalize(low.float(), dim=-1) @ F.normalize(high.float(), dim=-1).T
+    same_image = batch_index[:, None] == batch_index[None, :]
+    return similarity.masked_fill(~same_image, float("-inf"))
+
+
+def select_partners(similarity: Tensor, scores: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Partner choice and drop rule on a ``same_image_similarity`` matrix ``(N, N)`` (no gradient).
+
+    Partner ``σ(i) = argmax_j S_ij`` (first index on ties). Box ``i`` is kept iff ``S_iσ(i) >= threshold`` and no
+    better-scoring box that passed the threshold has the same partner (equal scores: the lower index wins).
+
+    Args:
+        similarity: ``(N, N)``, ``-inf`` across images. scores: ``(N,)`` teacher scores (priority).
+    Returns:
+        ``keep (N',)`` ascending indices and ``partner (N',)`` = ``σ(keep)``, both into the ``N`` boxes.
+    """
+    num = similarity.shape[0]
+    if num == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=similarity.device)
+        return empty, empty
+    with torch.no_grad():
+        best, partner = similarity.max(dim=1)
+        rank = torch.empty_like(partner)
+        rank[torch.argsort(scores, descending=True, stable=True)] = torch.arange(num, device=rank.device)
+        candidate = best >= threshold
+        never = torch.full_like(rank, num)
+        winner = never.scatter_reduce(0, partner[candidate], rank[candidate], reduce="amin")
+        kept = candidate & (rank == winner[partner])
+        keep = torch.nonzero(kept).squeeze(1)
+    return keep, partner[keep]
+
+
 def match_query_partners(
     low: Tensor, high: Tensor, batch_index: Tensor, scores: Tensor, threshold: float
 ) -> tuple[Tensor, Tensor]:
     """Similarity step of the QRM: pair every box with its most similar high-resolution feature, drop the rest.
 
-    ``S = norm(low) · norm(high)ᵀ`` restricted to pairs of the same image (block-diagonal mask), partner
-    ``σ(i) = argmax_j S_ij`` (first index on ties). Box ``i`` is kept iff ``S_iσ(i) >= threshold`` and no
-    better-scoring kept box has the same partner (equal scores: the lower index wins). No gradient.
+    ``select_partners(same_image_similarity(low, high, batch_index), scores, threshold)`` without gradient.
 
     Args:
         low: ``(N, D)`` attended low-resolution features ``a``.
@@ -172,36 +216,43 @@ def match_query_partners(
     Returns:
         ``keep (N',)`` ascending indices and ``partner (N',)`` = ``σ(keep)``, both into the ``N`` boxes.
     """
-    num = low.shape[0]
-    if num == 0:
-        empty = batch_index.new_zeros(0)
-        return empty, empty
     with torch.no_grad():
-        similarity = F.normalize(low.float(), dim=-1) @ F.normalize(high.float(), dim=-1).T
-        same_image = batch_index[:, None] == batch_index[None, :]
-        best, partner = similarity.masked_fill(~same_image, float("-inf")).max(dim=1)
-        rank = torch.empty_like(batch_index)
-        rank[torch.argsort(scores, descending=True, stable=True)] = torch.arange(num, device=rank.device)
-        candidate = best >= threshold
-        never = torch.full_like(rank, num)
-        winner = never.scatter_reduce(0, partner[candidate], rank[candidate], reduce="amin")
-        kept = candidate & (rank == winner[partner])
-        keep = torch.nonzero(kept).squeeze(1)
-    return keep, partner[keep]
+        return select_partners(same_image_similarity(low, high, batch_index), scores, threshold)
+
+
+def partner_alignment_loss(similarity: Tensor, temperature: float) -> Tensor:
+    """InfoNCE with target ``σ(i) = i``: ``mean_i -log softmax_j(S_ij / T)[i]`` over the boxes of the same image.
+
+    Trains the similarity to mean "same object": each box's low-resolution feature should be closest to its own
+    high-resolution feature. Rows with fewer than 2 finite entries (the only box of its image) carry no
+    information and are left out of the mean; exact duplicates cannot be separated and keep colliding.
+
+    Args:
+        similarity: ``(N, N)`` from ``same_image_similarity`` (``-inf`` across images).
+        temperature: ``T > 0``.
+    Returns:
+        A float32 scalar; a zero connected to ``similarity`` when no row has 2 candidates (``N = 0`` included).
+    """
+    log_probs = (similarity / temperature).log_softmax(dim=1).diagonal()  # finite: the diagonal is same-image
+    counted = torch.isfinite(similarity).sum(dim=1) >= 2
+    return -(log_probs * counted).sum() / counted.sum().clamp(min=1)
 
 
 class QueryRefinementModule(nn.Module):
-    """Sparse Semi-DETR's Query Refinement Module (SPEC §3, steps 2-5).
+    """Sparse Semi-DETR's Query Refinement Module (SPEC §3, steps 2-5) and its alignment loss (docs/method.md).
 
     Config fields: ``d_model``, ``qrm_reduced_dim``, ``qrm_attention_heads``, ``qrm_roi_size``,
     ``qrm_attention_on`` (``low|high|both|none``: which RoI set goes through ``RoiAttentionPool``; the other
-    is mean-pooled), ``qrm_use_similarity``, ``qrm_similarity_threshold``.
+    is mean-pooled), ``qrm_use_similarity``, ``qrm_similarity_threshold``, ``qrm_alignment_temperature`` and
+    ``qrm_alignment_loss_coefficient`` (0: the alignment loss is not computed and returned as zero).
     """
 
     def __init__(self, config):
         super().__init__()
         self.use_similarity = config.qrm_use_similarity
         self.similarity_threshold = config.qrm_similarity_threshold
+        self.alignment_temperature = config.qrm_alignment_temperature
+        self.use_alignment = config.qrm_use_similarity and config.qrm_alignment_loss_coefficient > 0
         self.low_encoder = self._branch(config, attend=config.qrm_attention_on in ("low", "both"))
         self.high_encoder = self._branch(config, attend=config.qrm_attention_on in ("high", "both"))
         self.fuse = nn.Linear(2 * config.d_model, config.d_model)
@@ -223,7 +274,8 @@ class QueryRefinementModule(nn.Module):
             batch_index: ``(N,)`` long image of every box.
             scores: ``(N,)`` pseudo-label scores; higher wins when two boxes pick the same partner.
         Returns:
-            ``RefinedQueries`` with ``N' <= N`` queries; ``N' = 0`` gives empty, still graph-connected tensors.
+            ``RefinedQueries`` with ``N' <= N`` queries and the (unweighted) alignment loss; ``N' = 0`` gives
+            empty, still graph-connected tensors.
         """
         num = high_rois.shape[0]
         if not (low_rois.shape[0] == batch_index.shape[0] == scores.shape[0] == num):
@@ -234,11 +286,17 @@ class QueryRefinementModule(nn.Module):
         low = self.low_encoder(low_rois)
         high = self.high_encoder(high_rois)
         if self.use_similarity:
-            keep, partner = match_query_partners(low, high, batch_index, scores, self.similarity_threshold)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.use_alignment):
+                similarity = same_image_similarity(low, high, batch_index)
+            keep, partner = select_partners(similarity.detach(), scores, self.similarity_threshold)
         else:
             keep = partner = torch.arange(num, device=batch_index.device)
+        if self.use_alignment:
+            alignment_loss = partner_alignment_loss(similarity, self.alignment_temperature)
+        else:
+            alignment_loss = (low.float().sum() + high.float().sum()) * 0.0  # connected zero
         content = self.fuse(torch.cat([low[keep], high[partner]], dim=-1))
-        return RefinedQueries(content, batch_index[keep], keep, partner)
+        return RefinedQueries(content, batch_index[keep], keep, partner, alignment_loss)
 
 
 def refined_query_group(

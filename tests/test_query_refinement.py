@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from sparse_semi_detr_hf.configuration_sparse_semi_detr import SparseSemiDetrConfig
@@ -16,8 +17,10 @@ from sparse_semi_detr_hf.query_refinement import (
     extract_roi_features,
     match_query_partners,
     multi_level_roi_align,
+    partner_alignment_loss,
     query_consistency_loss,
     refined_query_group,
+    same_image_similarity,
 )
 
 D = 32
@@ -225,6 +228,173 @@ def test_refined_query_group_takes_the_anchors_of_kept_boxes():
     assert group.valid.sum() == len(out.keep) and not group.see_matching and not group.valid[1].any()
     torch.testing.assert_close(group.anchors[group.valid], anchors[out.keep])
     torch.testing.assert_close(group.content[group.valid], out.content)
+
+
+# ---------------------------------------------------------------------------------------------- alignment loss
+
+
+def test_alignment_config_fields():
+    config = make_config()
+    assert config.qrm_alignment_temperature == 0.1 and config.qrm_alignment_loss_coefficient == 1.0
+    for field, value in (("qrm_alignment_temperature", 0.0), ("qrm_alignment_temperature", -0.1),
+                         ("qrm_alignment_loss_coefficient", -1.0)):
+        with pytest.raises(ValueError, match=field):
+            make_config(**{field: value})
+    make_config(qrm_alignment_loss_coefficient=0.0)
+
+
+def test_alignment_loss_is_the_per_image_infonce():
+    qrm = seeded_qrm(qrm_alignment_temperature=0.2)
+    high, low, batch_index, scores = qrm_inputs([3, 1, 0, 4], seed=4)
+    out = qrm(high, low, batch_index, scores)
+    a, h = qrm.low_encoder(low), qrm.high_encoder(high)
+    total = 0.0
+    for image in (0, 3):  # image 1 has one box: no candidates to tell apart, left out of the mean
+        rows = batch_index == image
+        logits = F.normalize(a[rows], dim=-1) @ F.normalize(h[rows], dim=-1).T / 0.2
+        total = total + F.cross_entropy(logits, torch.arange(int(rows.sum())), reduction="sum")
+    assert out.alignment_loss.dtype == torch.float32 and out.alignment_loss.shape == ()
+    torch.testing.assert_close(out.alignment_loss, total / 7)
+    assert out.alignment_loss > 0
+    out.alignment_loss.backward()
+    for name, parameter in [*qrm.low_encoder.named_parameters(), *qrm.high_encoder.named_parameters()]:
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in qrm.fuse.parameters())  # the loss trains the similarity only
+
+
+def test_partner_alignment_loss_is_small_when_each_box_is_its_own_best_match():
+    batch_index = torch.tensor([0, 0, 0, 1, 1])
+    features = torch.eye(5)
+    matched = same_image_similarity(features, features, batch_index)
+    swapped = same_image_similarity(features, features[[1, 0, 2, 4, 3]], batch_index)
+    assert partner_alignment_loss(matched, 0.1) < 1e-3
+    assert partner_alignment_loss(swapped, 0.1) > 5.0
+
+
+@pytest.mark.parametrize("counts", [[0, 0], [1], [1, 0, 1]])
+def test_alignment_loss_without_two_boxes_in_any_image_is_a_connected_zero(counts):
+    qrm = seeded_qrm()
+    out = qrm(*qrm_inputs(counts))
+    assert out.alignment_loss.item() == 0.0 and out.alignment_loss.requires_grad
+    out.alignment_loss.backward()
+    for name, parameter in [*qrm.low_encoder.named_parameters(), *qrm.high_encoder.named_parameters()]:
+        assert parameter.grad is not None and parameter.grad.abs().sum() == 0, name
+
+
+@pytest.mark.parametrize("disabled", [{"qrm_alignment_loss_coefficient": 0.0}, {"qrm_use_similarity": False}])
+def test_alignment_loss_disabled(disabled):
+    inputs = qrm_inputs([4, 3], seed=1)
+    reference = seeded_qrm()(*inputs)
+    out = seeded_qrm(**disabled)(*inputs)
+    assert reference.alignment_loss > 0
+    assert out.alignment_loss.item() == 0.0 and out.alignment_loss.requires_grad
+    if disabled.get("qrm_use_similarity", True):  # coefficient 0: same selection and queries, no loss
+        torch.testing.assert_close(out.keep, reference.keep)
+        torch.testing.assert_close(out.content, reference.content)
+
+
+def test_alignment_loss_images_do_not_interact():
+    qrm = seeded_qrm()
+    counts = [4, 1, 5]
+    high, low, batch_index, scores = qrm_inputs(counts, seed=2)
+    total = qrm(high, low, batch_index, scores).alignment_loss
+    per_image = []
+    for image in (0, 2):
+        rows = batch_index == image
+        alone = qrm(high[rows], low[rows], torch.zeros(int(rows.sum()), dtype=torch.long), scores[rows])
+        per_image.append(alone.alignment_loss * counts[image])
+    torch.testing.assert_close(total, sum(per_image) / 9)
+
+
+def feature_pyramid(batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Levels that see the same scene, as a neck's do: each coarser level average-pools the stride-8 map."""
+    fine = F.avg_pool2d(torch.randn(batch_size, D, IMAGE // 8, IMAGE // 8, generator=generator), 3, 1, 1)
+    return [fine] + [F.avg_pool2d(fine, s // 8) * (s // 8) ** 0.5 for s in STRIDES[1:]]
+
+
+def distinct_boxes(n: int, generator: torch.Generator, cells: int = 4) -> torch.Tensor:
+    """``n`` boxes in ``n`` different cells of a ``cells x cells`` grid (no overlap), half to full cell size."""
+    cell = IMAGE / cells
+    index = torch.randperm(cells * cells, generator=generator)[:n]
+    corner = torch.stack([index % cells, index // cells], dim=1).float() * cell
+    size = cell * (0.5 + 0.5 * torch.rand(n, 2, generator=generator))
+    corner = corner + (cell - size) * torch.rand(n, 2, generator=generator)
+    return torch.cat([corner, corner + size], dim=1)
+
+
+def pyramid_inputs(boxes: list[torch.Tensor], generator: torch.Generator):
+    (high, low), batch_index = extract_roi_features(feature_pyramid(len(boxes), generator), boxes, STRIDES, [0, 2], 4)
+    return high, low, batch_index, torch.rand(len(batch_index), generator=generator)
+
+
+def distinct_inputs(seed: int, batch_size: int, boxes_per_image: int = 8):
+    generator = torch.Generator().manual_seed(seed)
+    return pyramid_inputs([distinct_boxes(boxes_per_image, generator) for _ in range(batch_size)], generator)
+
+
+@pytest.fixture(scope="module")
+def aligned_qrm():
+    """A QRM trained for 40 steps on the alignment loss alone, fresh distinct boxes every step; with the
+    training losses, held-out images and the QRM's output on them before training."""
+    qrm = seeded_qrm()
+    held_out = distinct_inputs(seed=1000, batch_size=8)
+    with torch.no_grad():
+        before = qrm(*held_out)
+    optimizer = torch.optim.Adam(qrm.parameters(), lr=3e-3)
+    losses, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only contend with the other tests' processes
+    try:
+        for step in range(40):
+            loss = qrm(*distinct_inputs(seed=step, batch_size=4)).alignment_loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    return qrm.eval(), losses, held_out, before
+
+
+def test_alignment_training_lowers_the_loss(aligned_qrm):
+    qrm, losses, held_out, before = aligned_qrm
+    assert losses[0] > 1.0  # ~log(8) at initialisation
+    assert sum(losses[-5:]) / 5 < 0.4 * sum(losses[:5]) / 5
+    with torch.no_grad():
+        assert qrm(*held_out).alignment_loss < 0.4 * before.alignment_loss
+
+
+def test_aligned_qrm_keeps_distinct_boxes_as_their_own_partners(aligned_qrm):
+    qrm, _, held_out, before = aligned_qrm
+    num = len(held_out[2])
+    assert len(before.keep) < 0.7 * num  # untrained: most distinct boxes collide on a few partners and drop
+    with torch.no_grad():
+        out = qrm(*held_out)
+    assert len(out.keep) >= 0.9 * num
+    assert (out.keep == out.partner).sum() >= 0.85 * num
+
+
+@pytest.mark.parametrize("jitter", [0.0, 1.0])
+def test_aligned_qrm_still_drops_duplicates(aligned_qrm, jitter):
+    qrm = aligned_qrm[0]
+    generator = torch.Generator().manual_seed(2000)
+    boxes = []
+    for _ in range(4):  # per image: 6 distinct boxes, then copies of the first 3 moved by up to `jitter` px
+        distinct = distinct_boxes(6, generator)
+        shift = (2 * torch.rand(3, 4, generator=generator) - 1) * jitter
+        boxes.append(torch.cat([distinct, distinct[:3] + shift]))
+    high, low, batch_index, scores = pyramid_inputs(boxes, generator)
+    with torch.no_grad():
+        kept = set(qrm(high, low, batch_index, scores).keep.tolist())
+    pairs_kept = 0
+    for original in [9 * image + j for image in range(4) for j in range(3)]:
+        copy = original + 6
+        winner = original if scores[original] > scores[copy] else copy
+        survivors = {original, copy} & kept
+        assert survivors <= {winner}, original  # never both copies; a survivor is the higher-scoring copy
+        pairs_kept += len(survivors)
+    assert pairs_kept >= 10  # of 12 pairs: one copy survives (a pair can also lose its partner to another box)
+    distinct_kept = sum(9 * image + j in kept for image in range(4) for j in range(3, 6))
+    assert distinct_kept >= 10  # of 12 boxes without a copy
 
 
 # ---------------------------------------------------------------------------------------------- cross-view projector
