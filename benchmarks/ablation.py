@@ -1,0 +1,109 @@
+"""Ablation of Sparse Semi-DETR's modules on the embedded synthetic benchmark (issue: Tables 5, 6, 10, 11).
+
+Trains, with the same seed(s), labels and steps, each variant through ``examples/train_ssod.py`` in its own
+process (several at once on one GPU with ``--parallel``), then prints a table of AP, AP50, APs and the mean
+time per training step (evaluation and checkpoints excluded; measured while ``--parallel`` runs share the
+device, so compare step times only between runs of the same invocation, or use ``bench_model.py --semi``).
+
+    python benchmarks/ablation.py --output_dir outputs/ablation --seeds 0,1,2 --parallel 6 -- --max_steps 2000
+Everything after ``--`` is passed to every run (e.g. model size, steps, ``--report_to tensorboard``).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> flags; "Semi-DETR" is the cross-view baseline without RPF (paper Table 5a's first row).
+VARIANTS = {
+    "supervised": ["--supervised_only", "--query_mode", "none", "--use_rpf", "false"],
+    "supervised_100": ["--supervised_only", "--labeled_percent", "100", "--query_mode", "none", "--use_rpf", "false"],
+    "semi_detr": ["--query_mode", "cross_view", "--use_rpf", "false"],
+    "qrm_only": ["--query_mode", "refined", "--use_rpf", "false"],
+    "rpf_only": ["--query_mode", "cross_view", "--use_rpf", "true"],
+    "sparse_semi_detr": ["--query_mode", "refined", "--use_rpf", "true"],
+}
+
+
+def run_one(name: str, seed: int, args, extra: list[str]) -> dict:
+    out_dir = os.path.join(args.output_dir, f"{name}_seed{seed}")
+    os.makedirs(out_dir, exist_ok=True)
+    command = [sys.executable, os.path.join(ROOT, "examples", "train_ssod.py"), "--output_dir", out_dir,
+               "--seed", str(seed), "--labeled_percent", str(args.labeled_percent), *VARIANTS[name], *extra]
+    # argparse keeps the last value of a repeated flag: a variant's own --labeled_percent wins.
+    started = time.time()
+    with open(os.path.join(out_dir, "log.txt"), "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    record = {"name": name, "seed": seed, "returncode": code, "wall_seconds": time.time() - started,
+              "command": " ".join(command)}
+    results_path = os.path.join(out_dir, "results.json")
+    if code == 0 and os.path.exists(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+        record.update(final=results["final"], seconds_per_step=results["seconds_per_step"])
+    return record
+
+
+def summarize(records: list[dict], which: str) -> list[dict]:
+    """Mean and spread over seeds of each variant's final metrics of the ``which`` model (teacher|student)."""
+    rows = []
+    for name in VARIANTS:
+        done = [r for r in records if r["name"] == name and "final" in r]
+        if not done:
+            continue
+        row = {"variant": name, "seeds": len(done)}
+        for metric in ("AP", "AP50", "APs"):
+            values = [100 * r["final"][which][metric] for r in done]
+            row[metric] = statistics.mean(values)
+            row[metric + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        row["s_per_step"] = statistics.mean(r["seconds_per_step"] for r in done)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], which: str) -> str:
+    lines = [f"| variant ({which}) | seeds | AP | AP50 | APs | s / step |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{r[m]:.1f} ± {r[m + '_std']:.1f}" for m in ("AP", "AP50", "APs")]
+        lines.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(cells) + f" | {r['s_per_step']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/ablation")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--labeled_percent", type=float, default=10.0)
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (they share the device)")
+    args = parser.parse_args(own)
+    jobs = [(name, int(seed)) for seed in args.seeds.split(",") for name in args.variants.split(",")]
+    unknown = {name for name, _ in jobs} - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
+    with ThreadPoolExecutor(args.parallel) as pool:
+        records = list(pool.map(lambda job: run_one(job[0], job[1], args, extra), jobs))
+    report = {"records": records, "extra_args": extra}
+    for which in ("teacher", "student"):
+        report[which] = summarize(records, which)
+    with open(os.path.join(args.output_dir, "ablation.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    failed = [f"{r['name']}_seed{r['seed']}" for r in records if r["returncode"] != 0]
+    if failed:
+        print("FAILED runs (see their log.txt):", ", ".join(failed))
+    for which in ("teacher", "student"):
+        print(markdown(report[which], which), "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Trainer settings: one dataclass, from which ``examples/train_ssod.py`` builds its command line.
+
+Model and loss settings live in ``SparseSemiDetrConfig``; the fields below marked "model" are passed into it
+(``None`` keeps the config's / preset's value), so every paper knob is one flag away.
+With no dataset named, the ``synthetic`` preset fills the unset fields with a small CPU-friendly setup.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+PRESETS = {
+    # The embedded default: a tiny detector on the synthetic set, a few minutes on a 2-core CPU.
+    "synthetic": dict(
+        max_steps=150, one_to_many_steps=75, eval_steps=75, checkpointing_steps=75, learning_rate=2e-4,
+        ema_momentum=0.99, backbone="resnet18", freeze_backbone_batch_norm=False, d_model=64, encoder_layers=2,
+        decoder_layers=2, ffn_dim=256, num_queries=60, num_denoising_queries=30, num_detections=100,
+        image_scales="160,176,192", max_image_size=256, eval_image_size=176, synthetic_num_train=300,
+        synthetic_num_val=60, labeled_percent=10.0, qrm_reduced_dim=32, attention_heads=8,
+        # a randomly initialised backbone needs the full learning rate and looser clipping
+        backbone_lr_multiplier=1.0, max_grad_norm=1.0,
+    ),
+    # The paper's setting (COCO-Partial): DINO-R50, 120k steps, one-to-many for the first 60k.
+    "paper": dict(
+        max_steps=120_000, one_to_many_steps=60_000, eval_steps=4000, checkpointing_steps=4000, learning_rate=1e-4,
+        ema_momentum=0.999, backbone="resnet50", freeze_backbone_batch_norm=True, d_model=256, encoder_layers=6,
+        decoder_layers=6, ffn_dim=2048, num_queries=900, num_denoising_queries=100, num_detections=300,
+        image_scales="480,512,544,576,608,640,672,704,736,768,800", max_image_size=1333, eval_image_size=800,
+        synthetic_num_train=2000, synthetic_num_val=200, labeled_percent=10.0, qrm_reduced_dim=64,
+        attention_heads=8, backbone_lr_multiplier=0.1, max_grad_norm=0.1,
+    ),
+}
+
+# Trainer fields that are SparseSemiDetrConfig fields of the same name.
+MODEL_FIELDS = (
+    "backbone", "freeze_backbone_batch_norm", "d_model", "encoder_layers", "decoder_layers", "num_queries",
+    "num_denoising_queries", "num_detections", "query_mode", "use_rpf", "rpf_groups", "rpf_topk", "rpf_jitter",
+    "rpf_duplicate_iou", "pseudo_label_threshold", "qrm_attention_on", "qrm_use_similarity",
+    "qrm_similarity_threshold", "qrm_reduced_dim", "consistency_loss_coefficient", "one_to_many_topk",
+    "box_noise_scale", "label_noise_ratio", "class_loss_coefficient", "deformable_attention_backend",
+)
+
+
+@dataclass
+class TrainingArguments:
+    """Settings of ``examples/train_ssod.py``. ``None`` means "from the preset" (or the model config)."""
+
+    output_dir: str = field(default="outputs/sparse-semi-detr", metadata={"help": "Where everything is written."})
+    preset: str | None = field(default=None, metadata={"help": "synthetic | paper (default: synthetic without a "
+                                                                 "dataset, paper with one)."})
+    seed: int = field(default=42, metadata={"help": "Seed of data order, views, initialisation and noise."})
+    # ---------------------------------------------------------------- data
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (objects.bbox COCO xywh, "
+                                                                       "objects.category)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_split: str = field(default="train", metadata={"help": "Hub split for training."})
+    validation_split: str = field(default="validation", metadata={"help": "Hub split for evaluation."})
+    train_images: str | None = field(default=None, metadata={"help": "Folder of labeled images (COCO)."})
+    train_annotations: str | None = field(default=None, metadata={"help": "COCO instances json of train_images."})
+    unlabeled_images: str | None = field(default=None, metadata={"help": "Folder of unlabeled images, or a COCO "
+                                                                         "json whose annotations are ignored."})
+    val_images: str | None = field(default=None, metadata={"help": "Folder of validation images (COCO)."})
+    val_annotations: str | None = field(default=None, metadata={"help": "COCO instances json of val_images."})
+    labeled_percent: float | None = field(default=None, metadata={"help": "COCO-Partial: percent of the train "
+                                                                            "set kept labeled; the rest is unlabeled "
+                                                                            "(100 = all labeled)."})
+    fold: int = field(default=1, metadata={"help": "COCO-Partial fold (changes the split)."})
+    labeled_ids_file: str | None = field(default=None, metadata={"help": "File of labeled image ids (overrides "
+                                                                          "labeled_percent)."})
+    stream_unlabeled: bool = field(default=False, metadata={"help": "Stream the unlabeled set (100k+ images)."})
+    synthetic_num_train: int | None = field(default=None, metadata={"help": "Synthetic train images."})
+    synthetic_num_val: int | None = field(default=None, metadata={"help": "Synthetic validation images."})
+    synthetic_cache_dir: str | None = field(default=None, metadata={"help": "Save/reuse the generated synthetic "
+                                                                            "set here (datasets save_to_disk)."})
+    image_scales: str | None = field(default=None, metadata={"help": "Comma-separated training short sides."})
+    max_image_size: int | None = field(default=None, metadata={"help": "Longest side of training views."})
+    eval_image_size: int | None = field(default=None, metadata={"help": "Short side of evaluation views."})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
+    # ---------------------------------------------------------------- schedule
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps."})
+    one_to_many_steps: int | None = field(default=None, metadata={"help": "T1: steps of one-to-many assignment "
+                                                                            "before the switch to one-to-one."})
+    labeled_batch_size: int = field(default=1, metadata={"help": "Labeled images per process and step."})
+    unlabeled_batch_size: int = field(default=4, metadata={"help": "Unlabeled images per process and step."})
+    supervised_only: bool = field(default=False, metadata={"help": "Baseline: no unlabeled data."})
+    learning_rate: float | None = field(default=None, metadata={"help": "AdamW learning rate."})
+    backbone_lr_multiplier: float | None = field(default=None, metadata={"help": "Backbone lr = lr x this "
+                                                                                    "(paper 0.1)."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float | None = field(default=None, metadata={"help": "Gradient clipping norm (paper 0.1; "
+                                                                         "0 = off)."})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (paper: 0)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    ema_momentum: float | None = field(default=None, metadata={"help": "Maximum EMA momentum of the teacher."})
+    unsup_weight: float = field(default=4.0, metadata={"help": "Weight of the unsupervised loss (2.0 COCO-Full)."})
+    consistency_in_one_to_one: bool = field(default=True, metadata={"help": "Keep the query consistency loss "
+                                                                             "after T1 (Semi-DETR's code drops it)."})
+    # ---------------------------------------------------------------- model (None: config / preset default)
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Start from a saved model."})
+    pretrained_backbone: bool = field(default=False, metadata={"help": "Load timm's ImageNet backbone weights."})
+    backbone: str | None = field(default=None, metadata={"help": "timm backbone name."})
+    freeze_backbone_batch_norm: bool | None = field(default=None, metadata={"help": "Frozen BN in the backbone."})
+    d_model: int | None = field(default=None, metadata={"help": "Transformer width."})
+    encoder_layers: int | None = field(default=None, metadata={"help": "Encoder layers."})
+    decoder_layers: int | None = field(default=None, metadata={"help": "Decoder layers."})
+    ffn_dim: int | None = field(default=None, metadata={"help": "Encoder and decoder FFN width."})
+    attention_heads: int | None = field(default=None, metadata={"help": "Encoder and decoder heads."})
+    num_queries: int | None = field(default=None, metadata={"help": "Matching queries."})
+    num_denoising_queries: int | None = field(default=None, metadata={"help": "Denoising budget."})
+    num_detections: int | None = field(default=None, metadata={"help": "Detections kept per image."})
+    query_mode: str | None = field(default=None, metadata={"help": "none | cross_view (Semi-DETR) | refined "
+                                                                     "(Sparse Semi-DETR)."})
+    use_rpf: bool | None = field(default=None, metadata={"help": "Reliable Pseudo-Label Filtering."})
+    rpf_groups: int | None = field(default=None, metadata={"help": "RPF m."})
+    rpf_topk: int | None = field(default=None, metadata={"help": "RPF k."})
+    rpf_jitter: float | None = field(default=None, metadata={"help": "RPF jitter of augmented copies."})
+    rpf_duplicate_iou: float | None = field(default=None, metadata={"help": "RPF duplicate IoU."})
+    pseudo_label_threshold: float | None = field(default=None, metadata={"help": "Teacher score threshold tau."})
+    qrm_attention_on: str | None = field(default=None, metadata={"help": "QRM attention: low|high|both|none."})
+    qrm_use_similarity: bool | None = field(default=None, metadata={"help": "QRM similarity step."})
+    qrm_similarity_threshold: float | None = field(default=None, metadata={"help": "QRM similarity threshold."})
+    qrm_reduced_dim: int | None = field(default=None, metadata={"help": "QRM reduced channels."})
+    consistency_loss_coefficient: float | None = field(default=None, metadata={"help": "Query consistency weight."})
+    one_to_many_topk: int | None = field(default=None, metadata={"help": "One-to-many positives per target."})
+    box_noise_scale: float | None = field(default=None, metadata={"help": "Denoising box noise."})
+    label_noise_ratio: float | None = field(default=None, metadata={"help": "Denoising label noise."})
+    class_loss_coefficient: float | None = field(default=None, metadata={"help": "Focal loss weight."})
+    deformable_attention_backend: str | None = field(default=None, metadata={"help": "auto | pytorch | triton."})
+    config_overrides: str | None = field(default=None, metadata={"help": "Other config fields: 'k=v,k=v'."})
+    # ---------------------------------------------------------------- evaluation, checkpoints, logging, Hub
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (and at the end)."})
+    eval_batch_size: int = field(default=4, metadata={"help": "Evaluation images per process."})
+    eval_nms_in_one_to_many: bool = field(default=True, metadata={"help": "Class-wise NMS when evaluating in the "
+                                                                           "one-to-many stage."})
+    checkpointing_steps: int | None = field(default=None, metadata={"help": "Save the training state every N."})
+    checkpoints_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint path."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
+    report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb | all."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload every saved model to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id (user/name)."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN / login)."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
+
+    def __post_init__(self):
+        if self.preset is None:
+            self.preset = "synthetic" if self.is_synthetic else "paper"
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
+        self.user_model_fields = {name for name in MODEL_FIELDS if getattr(self, name) is not None}
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self._validate()
+
+    @property
+    def is_synthetic(self) -> bool:
+        """No dataset named: train on the embedded synthetic set."""
+        return not (self.dataset_name or self.train_annotations)
+
+    def _validate(self) -> None:
+        if self.train_images and not self.train_annotations:
+            raise ValueError("train_images needs train_annotations (a COCO instances json).")
+        if bool(self.val_images) != bool(self.val_annotations):
+            raise ValueError("val_images and val_annotations go together.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("push_to_hub needs hub_model_id.")
+        if not 0 < self.labeled_percent <= 100:
+            raise ValueError(f"labeled_percent must be in (0, 100], got {self.labeled_percent}.")
+        if self.max_steps < 1 or self.one_to_many_steps < 0:
+            raise ValueError("max_steps must be >= 1 and one_to_many_steps >= 0.")
+        if self.labeled_batch_size < 1 or (self.unlabeled_batch_size < 1 and not self.supervised_only):
+            raise ValueError("batch sizes must be >= 1.")
+
+    @property
+    def training_scales(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in str(self.image_scales).split(","))
+
+    def model_config_kwargs(self) -> dict:
+        """The ``SparseSemiDetrConfig`` keyword arguments these settings imply (with ``model_name_or_path``, only
+        the fields set on the command line, so a saved architecture is not overwritten by the preset)."""
+        names = self.user_model_fields if self.model_name_or_path else MODEL_FIELDS
+        kwargs = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if self.model_name_or_path:
+            kwargs.update(parse_overrides(self.config_overrides))
+            return kwargs
+        if self.ffn_dim is not None:
+            kwargs.update(encoder_ffn_dim=self.ffn_dim, decoder_ffn_dim=self.ffn_dim)
+        if self.attention_heads is not None:
+            kwargs.update(encoder_attention_heads=self.attention_heads, decoder_attention_heads=self.attention_heads)
+        if self.d_model is not None and self.d_model < 128:
+            kwargs.setdefault("neck_group_norm_groups", 8)
+        kwargs.update(parse_overrides(self.config_overrides))
+        return kwargs
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def parse_overrides(text: str | None) -> dict:
+    """``"a=1,b=true,c=low"`` -> ``{"a": 1, "b": True, "c": "low"}`` (ints, floats, booleans, strings)."""
+    result = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        if "=" not in item:
+            raise ValueError(f"config override {item!r} is not 'key=value'.")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        result[key] = _parse_value(raw)
+    return result
+
+
+def _parse_value(raw: str):
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw

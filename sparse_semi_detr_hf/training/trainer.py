@@ -1,0 +1,440 @@
+"""Semi-supervised training of Sparse Semi-DETR on Accelerate (teacher-student, SPEC §2).
+
+``SemiSupervisedTrainer(args).train()`` builds the data, the student, its EMA teacher, the optimizer, then
+loops: teacher pass on the weak view, student pass on labeled + strong views, EMA update; evaluates student
+and teacher with COCO mAP, saves and resumes the training state, exports the best model and pushes it.
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from datasets import load_from_disk
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
+from torchvision.ops import batched_nms
+from tqdm.auto import tqdm
+
+from .. import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection, SparseSemiDetrImageProcessor
+from .arguments import TrainingArguments
+from .data import (
+    LabeledDetectionDataset,
+    UnlabeledPairDataset,
+    collate_labeled,
+    collate_unlabeled,
+    dataset_id2label,
+    load_coco_folder,
+    load_hub_detection_dataset,
+    load_unlabeled_images,
+    split_labeled_unlabeled,
+)
+from .evaluation import coco_ground_truth_from_dataset, evaluate_detections
+from .hub import HubUploader, build_model_card
+from .sampling import endless_loader
+from .step import ONE_TO_MANY, ONE_TO_ONE, SemiSupervisedStudent, semi_supervised_loss
+from .synthetic import make_synthetic_detection_dataset
+from .teacher import EMATeacher
+from .transforms import EvalTransform, LabeledTransform, UnlabeledPairTransform, ViewConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataBundle:
+    labeled: object
+    unlabeled: object | None
+    val: object
+    id2label: dict
+    name: str
+
+
+class TrainState:
+    """Step counter and evaluation history, saved with every checkpoint."""
+
+    def __init__(self):
+        self.step, self.history, self.best = 0, [], None
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "history": self.history, "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.history, self.best = state["step"], state["history"], state["best"]
+
+
+def load_data(args: TrainingArguments) -> DataBundle:
+    """Labeled / unlabeled / validation datasets in the common detection schema (docs/datasets.md)."""
+    if args.is_synthetic:
+        train, val = synthetic_datasets(args)
+        name = "synthetic"
+    elif args.dataset_name:
+        train = load_hub_detection_dataset(args.dataset_name, args.train_split, args.dataset_config_name)
+        val = load_hub_detection_dataset(args.dataset_name, args.validation_split, args.dataset_config_name)
+        name = args.dataset_name
+    else:
+        train = load_coco_folder(args.train_images, args.train_annotations)
+        val = load_coco_folder(args.val_images, args.val_annotations) if args.val_images else None
+        name = os.path.basename(os.path.normpath(args.train_images))
+    if val is None:  # hold out 10 % of the training images, deterministically
+        val, train = split_labeled_unlabeled(train, labeled_percent=10.0, fold=0, seed=12345)
+    labeled, unlabeled = train, None
+    if args.labeled_ids_file or args.labeled_percent < 100:
+        labeled, unlabeled = split_labeled_unlabeled(
+            train, args.labeled_percent, fold=args.fold, labeled_ids=args.labeled_ids_file
+        )
+    if args.unlabeled_images:
+        unlabeled = load_unlabeled_images(args.unlabeled_images)
+    if args.supervised_only:
+        unlabeled = None
+    elif unlabeled is None or len(unlabeled) == 0:
+        raise ValueError("no unlabeled images: give --unlabeled_images, --labeled_percent < 100, or "
+                         "--supervised_only")
+    return DataBundle(labeled, unlabeled, val, dataset_id2label(train), name)
+
+
+def synthetic_datasets(args: TrainingArguments):
+    """The embedded synthetic set (train, val), generated or reused from ``synthetic_cache_dir``."""
+    cache = args.synthetic_cache_dir
+    if cache:
+        cache = os.path.join(cache, f"synthetic_{args.synthetic_num_train}_{args.synthetic_num_val}")
+        if os.path.isdir(cache):
+            return load_from_disk(os.path.join(cache, "train")), load_from_disk(os.path.join(cache, "val"))
+    train, val = make_synthetic_detection_dataset(args.synthetic_num_train, args.synthetic_num_val, seed=0)
+    if cache:
+        partial = f"{cache}.tmp{os.getpid()}"
+        train.save_to_disk(os.path.join(partial, "train"))
+        val.save_to_disk(os.path.join(partial, "val"))
+        try:
+            os.rename(partial, cache)
+        except OSError:  # another process finished first
+            shutil.rmtree(partial, ignore_errors=True)
+    return train, val
+
+
+def build_detector(args: TrainingArguments, id2label: dict) -> SparseSemiDetrForObjectDetection:
+    label2id = {name: index for index, name in id2label.items()}
+    kwargs = args.model_config_kwargs()
+    if args.model_name_or_path:
+        return SparseSemiDetrForObjectDetection.from_pretrained(
+            args.model_name_or_path, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True, **kwargs
+        )
+    config = SparseSemiDetrConfig(id2label=id2label, label2id=label2id, **kwargs)
+    detector = SparseSemiDetrForObjectDetection(config)
+    if args.pretrained_backbone:
+        detector.load_pretrained_backbone()
+    return detector
+
+
+def build_optimizer(detector, args: TrainingArguments) -> torch.optim.Optimizer:
+    """AdamW; the backbone at ``lr * backbone_lr_multiplier``."""
+    backbone, rest = [], []
+    for name, parameter in detector.named_parameters():
+        if parameter.requires_grad:
+            (backbone if name.startswith("model.backbone.") else rest).append(parameter)
+    groups = [{"params": rest}, {"params": backbone, "lr": args.learning_rate * args.backbone_lr_multiplier}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+
+
+def _to_device(batch, device):
+    """Move tensors (nested in dicts/lists) to ``device``; view sizes stay on the CPU (read on the host)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: v if k.endswith("_sizes") else _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [_to_device(v, device) for v in batch]
+    return batch
+
+
+class SemiSupervisedTrainer:
+    """Teacher-student training loop. ``hub_api`` is injectable (tests pass a fake client)."""
+
+    def __init__(self, args: TrainingArguments, hub_api=None):
+        self.args = args
+        project = ProjectConfiguration(project_dir=args.output_dir, automatic_checkpoint_naming=True,
+                                       total_limit=args.checkpoints_total_limit)
+        report_to = None if args.report_to == "none" else args.report_to
+        self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                       log_with=report_to, project_config=project)
+        set_seed(args.seed)
+        self.data = load_data(args)
+        self.coco_gt = coco_ground_truth_from_dataset(self.data.val)
+        detector = build_detector(args, self.data.id2label)
+        self.config = detector.config
+        self.teacher = EMATeacher(detector, momentum_max=args.ema_momentum)
+        self.optimizer = build_optimizer(detector, args)
+        warmup = max(1, args.lr_warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.student, self.optimizer = self.accelerator.prepare(SemiSupervisedStudent(detector), self.optimizer)
+        self.teacher.to(self.accelerator.device)
+        self.state = TrainState()
+        for obj in (self.teacher, self.scheduler, self.state):
+            self.accelerator.register_for_checkpointing(obj)
+        self.views = ViewConfig(scales=args.training_scales, max_size=args.max_image_size,
+                                eval_scale=args.eval_image_size)
+        self.processor = SparseSemiDetrImageProcessor(
+            size={"shortest_edge": args.eval_image_size, "longest_edge": args.max_image_size}
+        )
+        self.uploader = None
+        if args.push_to_hub and self.accelerator.is_main_process:
+            self.uploader = HubUploader(args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
+                                        api=hub_api)
+
+    # ------------------------------------------------------------------------------------------ data
+    def _loaders(self):
+        args, acc = self.args, self.accelerator
+        consumed = self.state.step * args.gradient_accumulation_steps
+        labeled = LabeledDetectionDataset(self.data.labeled, LabeledTransform(self.views), seed=args.seed)
+        labeled_loader = endless_loader(labeled, args.labeled_batch_size, collate_labeled, args.seed,
+                                        acc.process_index, acc.num_processes, consumed, args.num_workers)
+        unlabeled_loader = None
+        if self.data.unlabeled is not None:
+            pairs = UnlabeledPairDataset(self.data.unlabeled, UnlabeledPairTransform(self.views), seed=args.seed + 1)
+            unlabeled_loader = endless_loader(pairs, args.unlabeled_batch_size, collate_unlabeled, args.seed + 1,
+                                              acc.process_index, acc.num_processes, consumed, args.num_workers)
+        return labeled_loader, unlabeled_loader
+
+    def _val_batches(self):
+        acc = self.accelerator
+        shard = self.data.val.select(range(acc.process_index, len(self.data.val), acc.num_processes))
+        dataset = LabeledDetectionDataset(shard, EvalTransform(self.views), seed=0, drop_crowd=False)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.args.eval_batch_size,
+                                           collate_fn=collate_labeled, num_workers=self.args.num_workers)
+
+    # ------------------------------------------------------------------------------------------ step
+    def stage(self, step: int) -> str:
+        """One-to-many assignment before ``one_to_many_steps`` (T1), one-to-one after (labeled and unlabeled)."""
+        return ONE_TO_MANY if step < self.args.one_to_many_steps else ONE_TO_ONE
+
+    def compute_loss(self, labeled: dict, unlabeled: dict | None, stage: str) -> tuple[torch.Tensor, dict]:
+        """Total loss of one micro-batch and its log values (see ``step.semi_supervised_loss``)."""
+        return semi_supervised_loss(self.student, self.teacher.model, labeled, unlabeled, stage,
+                                    self.args.unsup_weight, self.args.consistency_in_one_to_one,
+                                    self.accelerator.autocast)
+
+    def optimizer_step(self, labeled_batches, unlabeled_batches) -> dict:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; then the EMA update."""
+        acc, args = self.accelerator, self.args
+        stage = self.stage(self.state.step)
+        for labeled, unlabeled in zip(labeled_batches, unlabeled_batches):
+            with acc.accumulate(self.student):
+                loss, logs = self.compute_loss(_to_device(labeled, acc.device), _to_device(unlabeled, acc.device),
+                                               stage)
+                acc.backward(loss)
+                if acc.sync_gradients and args.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.student.parameters(), args.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.step += 1
+        logs["ema_momentum"] = self.teacher.update(acc.unwrap_model(self.student).detector, self.state.step)
+        logs["stage"] = stage
+        return logs
+
+    # ------------------------------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        args, acc = self.args, self.accelerator
+        self._maybe_resume()
+        if acc.is_main_process:
+            os.makedirs(args.output_dir, exist_ok=True)
+        acc.init_trackers("sparse_semi_detr", config=_scalar_config(args))
+        labeled_loader, unlabeled_loader = self._loaders()
+        labeled_iter = iter(labeled_loader)
+        unlabeled_iter = iter(unlabeled_loader) if unlabeled_loader is not None else None
+        progress = tqdm(total=args.max_steps, initial=self.state.step, desc="train",
+                        disable=not acc.is_local_main_process)
+        self.student.train()
+        started, self.excluded_seconds, first_step = time.perf_counter(), 0.0, self.state.step
+        while self.state.step < args.max_steps:
+            micro = range(args.gradient_accumulation_steps)
+            labeled = [next(labeled_iter) for _ in micro]
+            unlabeled = [next(unlabeled_iter) if unlabeled_iter else None for _ in micro]
+            logs = self.optimizer_step(labeled, unlabeled)
+            progress.update(1)
+            self._after_step(logs, progress)
+        progress.close()
+        _synchronize(acc.device)
+        seconds = time.perf_counter() - started - self.excluded_seconds
+        results = self._finish(seconds / max(1, self.state.step - first_step))
+        acc.end_training()
+        return results
+
+    def _after_step(self, logs: dict, progress) -> None:
+        args, step = self.args, self.state.step
+        if step % args.logging_steps == 0 or step == args.max_steps:
+            values = {k: float(v) for k, v in logs.items() if k != "stage"}
+            values["one_to_many"] = float(logs["stage"] == ONE_TO_MANY)
+            progress.set_postfix({k: f"{values[k]:.3g}" for k in ("loss", "loss_sup", "loss_unsup") if k in values})
+            self.accelerator.log(values, step=step)
+        evaluate = step % args.eval_steps == 0 and step != args.max_steps
+        checkpoint = step % args.checkpointing_steps == 0 or step == args.max_steps
+        if evaluate or checkpoint:  # kept out of the training time per step
+            _synchronize(self.accelerator.device)
+            started = time.perf_counter()
+            if evaluate:
+                self.evaluate_and_export()
+            if checkpoint:
+                self.accelerator.save_state()
+            self.excluded_seconds += time.perf_counter() - started
+
+    def _maybe_resume(self) -> None:
+        path = self.args.resume_from_checkpoint
+        if not path:
+            return
+        if path == "latest":
+            folder = os.path.join(self.args.output_dir, "checkpoints")
+            names = sorted(os.listdir(folder), key=lambda n: int(n.rsplit("_", 1)[-1])) if os.path.isdir(folder) else []
+            if not names:
+                logger.warning("no checkpoint in %s: starting from scratch", folder)
+                return
+            path = os.path.join(folder, names[-1])
+        self.accelerator.load_state(path)
+        self.accelerator.project_configuration.iteration = int(os.path.basename(path).rsplit("_", 1)[-1]) + 1
+        logger.info("resumed from %s at step %d", path, self.state.step)
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(self, detector, stage: str) -> list[dict]:
+        """This process's share of the validation set -> predictions in original-image pixels."""
+        was_training = detector.training
+        detector.eval()
+        predictions = []
+        for batch in self._val_batches():
+            batch = _to_device(batch, self.accelerator.device)
+            with torch.inference_mode(), self.accelerator.autocast():
+                outputs = detector(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+            sizes = torch.stack([label["orig_size"] for label in batch["labels"]])
+            results = self.processor.post_process_object_detection(
+                outputs, threshold=0.0, target_sizes=sizes, top_k=self.config.num_detections
+            )
+            for label, result in zip(batch["labels"], results):
+                if stage == ONE_TO_MANY and self.args.eval_nms_in_one_to_many:
+                    keep = batched_nms(result["boxes"].float(), result["scores"].float(), result["labels"], 0.6)
+                    result = {k: v[keep] for k, v in result.items()}
+                predictions.append({"image_id": int(label["image_id"]),
+                                    **{k: v.float().cpu() for k, v in result.items()}})
+        detector.train(was_training)
+        return predictions
+
+    def evaluate(self, detector, stage: str) -> dict:
+        gathered = gather_object(self.predict(detector, stage))
+        unique = {p["image_id"]: p for p in gathered}
+        metrics = [evaluate_detections(self.coco_gt, list(unique.values()))] if self.accelerator.is_main_process \
+            else [None]
+        broadcast_object_list(metrics)
+        return metrics[0]
+
+    def evaluate_and_export(self) -> dict:
+        """Evaluate student and teacher; export the better one if it beats the best so far."""
+        stage = self.stage(self.state.step)
+        student = self.accelerator.unwrap_model(self.student).detector
+        record = {"step": self.state.step, "stage": stage,
+                  "student": self.evaluate(student, stage), "teacher": self.evaluate(self.teacher.model, stage)}
+        self.state.history.append(record)
+        self.accelerator.log({f"{who}/{k}": v for who in ("student", "teacher") for k, v in record[who].items()},
+                             step=self.state.step)
+        which = max(("teacher", "student"), key=lambda who: record[who]["AP"])
+        if self.state.best is None or record[which]["AP"] > self.state.best["metrics"]["AP"]:
+            self.state.best = {"step": self.state.step, "model": which, "metrics": record[which]}
+            self.export(self.teacher.model if which == "teacher" else student, "best_model", record[which])
+        logger.info("step %d: student AP %.4f, teacher AP %.4f", self.state.step, record["student"]["AP"],
+                    record["teacher"]["AP"])
+        return record
+
+    def export(self, detector, name: str, metrics: dict) -> None:
+        """``save_pretrained`` of the model and its image processor, a model card, and the Hub upload."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        folder = os.path.join(self.args.output_dir, name)
+        detector.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+        card = build_model_card(
+            self.args.hub_model_id or name, metrics, self.data.name, self.args.labeled_percent,
+            {k: v for k, v in _scalar_config(self.args).items() if v is not None},
+        )
+        card.save(os.path.join(folder, "README.md"))
+        if self.uploader is not None:
+            self.uploader.push(folder, f"{name} at step {self.state.step} (AP {metrics['AP']:.4f})")
+
+    def _finish(self, seconds_per_step: float) -> dict:
+        record = self.evaluate_and_export()
+        results = {"final": record, "best": self.state.best, "history": self.state.history,
+                   "seconds_per_step": seconds_per_step, "steps": self.state.step, "args": self.args.to_dict(),
+                   "device": str(self.accelerator.device), "num_processes": self.accelerator.num_processes}
+        if self.accelerator.is_main_process:
+            with open(os.path.join(self.args.output_dir, "results.json"), "w") as f:
+                json.dump(results, f, indent=2, default=str)
+            if self.uploader is not None:
+                results["hub_upload_ok"] = self.uploader.finish()
+        return results
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _scalar_config(args: TrainingArguments) -> dict:
+    """The settings that trackers and model cards can store (numbers, strings, booleans)."""
+    return {k: v for k, v in args.to_dict().items()
+            if isinstance(v, (int, float, str, bool)) and not (isinstance(v, float) and math.isnan(v))}
+
+
+def _random_view_batch(batch: int, height: int, width: int, boxes: int, num_labels: int, device) -> dict:
+    """A labeled batch of random images with ``boxes`` random targets each (for benchmarks)."""
+    centres = torch.rand(batch, boxes, 2, device=device) * 0.6 + 0.2
+    sizes = torch.rand(batch, boxes, 2, device=device) * 0.2 + 0.05
+    labels = [{"class_labels": torch.randint(0, num_labels, (boxes,), device=device),
+               "boxes": torch.cat((centres[i], sizes[i]), -1)} for i in range(batch)]
+    return {"pixel_values": torch.randn(batch, 3, height, width, device=device),
+            "pixel_mask": torch.ones(batch, height, width, dtype=torch.long, device=device), "labels": labels}
+
+
+def build_benchmark_step(config_kwargs: dict, device, labeled: int = 1, unlabeled: int = 4, height: int = 800,
+                         width: int = 1088, pseudo_per_image: int = 10, stage: str = ONE_TO_ONE,
+                         autocast_dtype: torch.dtype | None = None):
+    """One full semi-supervised optimizer step on random data, for timing (``benchmarks/bench_model.py``).
+
+    The (untrained) teacher's pseudo-labels are forced to ``pseudo_per_image`` boxes per image (threshold 0,
+    top ``pseudo_per_image`` pairs), so the unsupervised loss, RPF and the query modules all run.
+    Returns ``(step_fn, student_images_per_step)``; ``step_fn()`` runs teacher, student, backward, AdamW, EMA.
+    """
+    kwargs = dict(config_kwargs, pseudo_label_threshold=0.0, num_detections=pseudo_per_image)
+    detector = SparseSemiDetrForObjectDetection(SparseSemiDetrConfig(**kwargs)).to(device).train()
+    teacher = EMATeacher(detector)
+    student = SemiSupervisedStudent(detector)
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-4, weight_decay=1e-4)
+    labeled_batch = _random_view_batch(labeled, height, width, pseudo_per_image, detector.config.num_labels, device)
+    views = _random_view_batch(unlabeled, height, width, 0, 1, device)
+    sizes = torch.tensor([[height, width]] * unlabeled)
+    unlabeled_batch = {"weak_pixel_values": views["pixel_values"], "weak_pixel_mask": views["pixel_mask"],
+                       "strong_pixel_values": views["pixel_values"].flip(-1), "strong_pixel_mask": views["pixel_mask"],
+                       "weak_to_strong": torch.tensor([[-1.0, 0, width], [0, 1, 0], [0, 0, 1]],
+                                                      device=device).expand(unlabeled, 3, 3),
+                       "weak_sizes": sizes, "strong_sizes": sizes}
+    device_type = torch.device(device).type
+
+    def autocast():
+        return torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+    state = {"step": 0}
+
+    def step_fn() -> dict:
+        with autocast():
+            loss, logs = semi_supervised_loss(student, detector_teacher, labeled_batch, unlabeled_batch, stage, 4.0,
+                                              autocast=autocast)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(detector.parameters(), 0.1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        teacher.update(detector, state["step"])
+        return logs
+
+    detector_teacher = teacher.model
+    return step_fn, labeled + unlabeled
