@@ -151,7 +151,7 @@ def build_query_groups(query_module: nn.Module, inputs: QueryInputs, config) -> 
         frozen = dataclasses.replace(refined, content=refined.content.detach())
         student = [refined_query_group(refined, inputs.strong_anchors, batch_size, see)]
         teacher = [refined_query_group(frozen, inputs.weak_anchors, batch_size, see)]
-        auxiliary = getattr(refined, "alignment_loss", None)
+        auxiliary = refined.alignment_loss
         return QueryGroupsForStep(student, teacher, auxiliary, len(inputs.scores), len(refined.keep))
     content = query_module.fc(query_module.convs(inputs.rois[0]).flatten(1))
     groups = config.cross_view_groups
