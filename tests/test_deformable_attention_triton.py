@@ -6,6 +6,7 @@ by path (no package import, so it starts fast), poisons every ``torch.empty`` wi
 ``(kernel, reference)`` pairs that the tests below compare. Tests marked ``gpu`` run the compiled kernels on CUDA.
 """
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -283,16 +284,20 @@ def test_default_block_q_fills_the_device_for_small_batches():
 # CUDA tests
 
 
-def _cuda_case(dtype, queries, shapes, head_dim=32, batch=2, heads=8, points=4, seed=0, sampling_dtype=None):
-    from sparse_semi_detr_hf.deformable_attention_triton import multi_scale_deformable_attention_triton
+@functools.lru_cache(maxsize=1)
+def _cuda_kernels():
+    """The kernel file, loaded once by path (so a package-level import problem cannot hide kernel results)."""
+    return _load_kernel_module()
 
+
+def _cuda_case(dtype, queries, shapes, head_dim=32, batch=2, heads=8, points=4, seed=0, sampling_dtype=None):
     generator = torch.Generator().manual_seed(seed)
     master = random_inputs(shapes, batch, heads, head_dim, queries, points, generator, device="cuda")
     dtypes = (dtype, sampling_dtype or dtype, sampling_dtype or dtype)
     inputs = [t.to(d).requires_grad_() for t, d in zip(master, dtypes)]
     exact = [t.detach().double().requires_grad_() for t in inputs]
     spatial_shapes, starts = level_tables(shapes, device="cuda")
-    out = multi_scale_deformable_attention_triton(inputs[0], spatial_shapes, starts, *inputs[1:])
+    out = _cuda_kernels().multi_scale_deformable_attention_triton(inputs[0], spatial_shapes, starts, *inputs[1:])
     reference = reference_msda(exact[0], shapes, *exact[1:])
     grad_out = torch.randn_like(reference).to(dtype)
     grads = torch.autograd.grad(out, inputs, grad_out)
