@@ -1,0 +1,114 @@
+"""Smoke tests of benchmarks/bench_model.py: the CPU preset runs in-process and writes every expected number."""
+
+import importlib.util
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_model", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_cpu_smoke_preset_writes_all_measurements(bench, tmp_path, monkeypatch):
+    monkeypatch.delenv(bench.BACKEND_ENV_VAR, raising=False)
+    output = tmp_path / "results.json"
+    returned = bench.main(["--preset", "cpu_smoke", "--device", "cpu", "--output", str(output)])
+    results = json.loads(output.read_text())
+    assert results["meta"]["device"].startswith("CPU")
+    for key in ("torch", "transformers", "timm", "command"):
+        assert results["meta"][key]
+    assert "--preset cpu_smoke" in results["meta"]["command"]
+    records = results["records"]
+    expected = {(section, model) for section in ("train", "inference")
+                for model in ("ours (pytorch)", "anchor (HF Deformable DETR)")}
+    assert {(r["section"], r["model"]) for r in records} == expected
+    for record in records:
+        assert "error" not in record, record.get("error")
+        assert (record["dtype"], record["batch"], record["height"], record["width"]) == ("fp32", 1, 128, 128)
+        assert len(record["times_ms"]) == 2  # --steps of the preset; the warm-up call is not among them
+        assert all(_positive(value) for value in record["times_ms"])
+        assert _positive(record["median_ms"]) and _positive(record["images_per_s"]) and _positive(record["vs_anchor"])
+        assert record["peak_memory_mib"] is None  # CPU: no allocator statistics
+    ours = [r for r in records if r["family"] == "ours"]
+    assert all(r["attention_backends"] == ["pytorch"] for r in ours)  # the env var reached the dispatcher
+    assert all(r["vs_anchor"] == 1.0 for r in records if r["family"] == "anchor")
+    assert results["parameters"]["ours"]["trainable"] > 0 and results["parameters"]["anchor"]["trainable"] > 0
+    assert results["table"] == returned["table"] and results["table"].count("\n") == len(records) + 1
+    assert bench.BACKEND_ENV_VAR not in __import__("os").environ  # restored after each measurement
+
+
+def test_anchor_config_matches_every_dimension(bench):
+    args = bench.parse_args(["--preset", "cpu_smoke", "--queries", "30", "--layers", "2"])
+    ours = bench.build_our_config(args)
+    anchor = bench.build_anchor_config(ours)
+    for field in ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+                  "encoder_n_points", "decoder_n_points", "encoder_ffn_dim", "decoder_ffn_dim", "num_feature_levels",
+                  "num_queries", "num_labels", "dropout", "activation_function", "auxiliary_loss"):
+        assert getattr(anchor, field) == getattr(ours, field), field
+    assert anchor.two_stage and anchor.with_box_refine and anchor.two_stage_num_proposals == 30
+    assert ours.num_queries == 30 and ours.encoder_layers == 2 and ours.backbone == "resnet18"
+
+
+def test_preset_defaults_yield_to_explicit_flags(bench):
+    args = bench.parse_args(["--preset", "cpu_smoke", "--height", "96", "--infer", "2x64x80,1x32x32"])
+    assert (args.batch, args.height, args.width, args.queries) == (1, 96, 128, 50)
+    assert args.infer_shapes == [(2, 64, 80), (1, 32, 32)]
+    assert args.dtype_list == ["fp32"] and args.backend_list == ["pytorch"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--dtypes", "fp16"])
+
+
+def test_ratios_and_table(bench):
+    def record(family, backend, median, section="train"):
+        variant = bench.Variant(family, backend)
+        rec = bench.new_record(section, variant, "bf16", (4, 800, 1088))
+        rec.update(median_ms=median, images_per_s=4e3 / median, cpu_median_ms=median, peak_memory_mib=1024.0)
+        return rec
+
+    records = [record("ours", "triton", 200.0), record("ours", "pytorch", 300.0), record("anchor", None, 250.0)]
+    failed = bench.new_record("inference", bench.Variant("anchor"), "bf16", (1, 800, 1333))
+    failed["error"] = "OutOfMemoryError: boom"
+    bench.add_ratios(records + [failed])
+    assert records[0]["vs_anchor"] == pytest.approx(1.25) and records[1]["vs_anchor"] == pytest.approx(250 / 300)
+    assert records[0]["triton_speedup"] == pytest.approx(1.5) and "triton_speedup" not in records[1]
+    table = bench.markdown_table(records + [failed]).splitlines()
+    assert len(table) == 6 and all(line.count("|") == table[0].count("|") for line in table)
+    assert "1.25×" in table[2] and "1.50×" in table[2] and "failed: OutOfMemoryError" in table[5]
+
+
+def test_semi_hook_skips_without_trainer_and_times_a_provided_step(bench, monkeypatch):
+    args = bench.parse_args(["--preset", "cpu_smoke", "--steps", "3", "--warmup", "1"])
+    module_name = "sparse_semi_detr_hf.training.trainer"
+    monkeypatch.setitem(sys.modules, module_name, types.ModuleType(module_name))  # a trainer without the hook
+    skipped = bench.time_semi_step(args)
+    assert "build_benchmark_step" in skipped["skipped"] and skipped["records"] == []
+
+    calls = []
+
+    def build_benchmark_step(config_kwargs, device, height=800, width=1088, autocast_dtype=None):
+        assert (config_kwargs["backbone"], config_kwargs["num_queries"], height, width) == ("resnet18", 50, 128, 128)
+        assert autocast_dtype is None and str(device) == "cpu"
+        return (lambda: calls.append(len(calls))), 5
+
+    fake = types.ModuleType(module_name)
+    fake.build_benchmark_step = build_benchmark_step
+    monkeypatch.setitem(sys.modules, module_name, fake)
+    (semi,) = bench.time_semi_step(args)["records"]
+    assert "error" not in semi and calls == [0, 1, 2, 3] and len(semi["times_ms"]) == 3
+    assert semi["batch"] == 5 and semi["median_ms"] > 0
+    assert semi["images_per_s"] == pytest.approx(5e3 / semi["median_ms"])
