@@ -140,6 +140,19 @@ class QueryGroupsForStep:
     auxiliary_loss: Tensor | None = None
     num_input: int = 0
     num_kept: int = 0
+    graph_anchor: Tensor | None = None  # zero-valued, see ``keep_in_graph``
+
+
+def keep_in_graph(content: Tensor) -> Tensor:
+    """``0 * content.sum()``: a zero-weight term that keeps the query module in the autograd graph.
+
+    When a process gets no pseudo-box, or the QRM's similarity step drops every box, ``content`` is ``(0, D)`` and
+    ``pack_query_group`` builds the group from fresh zeros, so the query module's parameters (the QRM's ``fuse``
+    layer, the whole cross-view projector) get no gradient on that process. DDP (``find_unused_parameters=False``)
+    then stops at the next step ("Expected to have finished reduction in the prior iteration"). Adding this term
+    to the loss gives them a zero gradient instead; it changes neither the loss value nor any other gradient.
+    """
+    return content.sum() * 0.0
 
 
 def build_query_groups(query_module: nn.Module, inputs: QueryInputs, config) -> QueryGroupsForStep:
@@ -152,13 +165,14 @@ def build_query_groups(query_module: nn.Module, inputs: QueryInputs, config) -> 
         student = [refined_query_group(refined, inputs.strong_anchors, batch_size, see)]
         teacher = [refined_query_group(frozen, inputs.weak_anchors, batch_size, see)]
         auxiliary = refined.alignment_loss
-        return QueryGroupsForStep(student, teacher, auxiliary, len(inputs.scores), len(refined.keep))
+        return QueryGroupsForStep(student, teacher, auxiliary, len(inputs.scores), len(refined.keep),
+                                  keep_in_graph(refined.content))
     content = query_module.fc(query_module.convs(inputs.rois[0]).flatten(1))
     groups = config.cross_view_groups
     student = cross_view_query_groups(content, inputs.strong_anchors, inputs.batch_index, batch_size, groups, see)
     teacher = cross_view_query_groups(content.detach(), inputs.weak_anchors, inputs.batch_index, batch_size,
                                       groups, see)
-    return QueryGroupsForStep(student, teacher, None, len(inputs.scores), len(inputs.scores))
+    return QueryGroupsForStep(student, teacher, None, len(inputs.scores), len(inputs.scores), keep_in_graph(content))
 
 
 @dataclass
@@ -250,6 +264,8 @@ def semi_supervised_loss(student: nn.Module, teacher: nn.Module, labeled: dict |
             if stage == ONE_TO_ONE and not consistency_in_one_to_one:
                 consistency = consistency * 0.0
             unsup = unsup + config.consistency_loss_coefficient * consistency
+            if groups.graph_anchor is not None:
+                unsup = unsup + groups.graph_anchor
             logs.update(loss_consistency=consistency.detach(), queries_kept=groups.num_kept / max(1, groups.num_input))
             if groups.auxiliary_loss is not None:
                 unsup = unsup + config.qrm_alignment_loss_coefficient * groups.auxiliary_loss

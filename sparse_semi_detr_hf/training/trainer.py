@@ -281,19 +281,27 @@ class SemiSupervisedTrainer:
                 self.accelerator.save_state()
             self.excluded_seconds += time.perf_counter() - started
 
+    def _checkpoints(self) -> list[str]:
+        """Paths of ``output_dir/checkpoints/checkpoint_<i>``, oldest (smallest ``i``) first."""
+        folder = os.path.join(self.args.output_dir, "checkpoints")
+        names = [n for n in os.listdir(folder) if n.startswith("checkpoint_")] if os.path.isdir(folder) else []
+        return [os.path.join(folder, n) for n in sorted(names, key=_checkpoint_number)]
+
     def _maybe_resume(self) -> None:
-        path = self.args.resume_from_checkpoint
+        path, existing = self.args.resume_from_checkpoint, self._checkpoints()
+        if existing:  # number new checkpoints after the existing ones (accelerate refuses to overwrite one)
+            self.accelerator.project_configuration.iteration = _checkpoint_number(existing[-1]) + 1
         if not path:
+            if existing:
+                logger.warning("%d checkpoint(s) already in %s: this fresh run saves its own after them",
+                               len(existing), os.path.dirname(existing[-1]))
             return
         if path == "latest":
-            folder = os.path.join(self.args.output_dir, "checkpoints")
-            names = sorted(os.listdir(folder), key=lambda n: int(n.rsplit("_", 1)[-1])) if os.path.isdir(folder) else []
-            if not names:
-                logger.warning("no checkpoint in %s: starting from scratch", folder)
+            if not existing:
+                logger.warning("no checkpoint in %s: starting from scratch", self.args.output_dir)
                 return
-            path = os.path.join(folder, names[-1])
+            path = existing[-1]
         self.accelerator.load_state(path)
-        self.accelerator.project_configuration.iteration = int(os.path.basename(path).rsplit("_", 1)[-1]) + 1
         logger.info("resumed from %s at step %d", path, self.state.step)
 
     # ------------------------------------------------------------------------------------------ evaluation
@@ -367,11 +375,20 @@ class SemiSupervisedTrainer:
                    "seconds_per_step": seconds_per_step, "steps": self.state.step, "args": self.args.to_dict(),
                    "device": str(self.accelerator.device), "num_processes": self.accelerator.num_processes}
         if self.accelerator.is_main_process:
-            with open(os.path.join(self.args.output_dir, "results.json"), "w") as f:
-                json.dump(results, f, indent=2, default=str)
-            if self.uploader is not None:
+            self._write_results(results)
+            if self.uploader is not None:  # written first: a hanging upload must not cost the results
                 results["hub_upload_ok"] = self.uploader.finish()
+                results["hub_errors"] = list(self.uploader.errors)
+                self._write_results(results)
         return results
+
+    def _write_results(self, results: dict) -> None:
+        with open(os.path.join(self.args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+
+
+def _checkpoint_number(path: str) -> int:
+    return int(os.path.basename(os.path.normpath(path)).rsplit("_", 1)[-1])
 
 
 def _synchronize(device: torch.device) -> None:

@@ -1,0 +1,279 @@
+"""SemiSupervisedTrainer end to end on a tiny detector (CPU, seeded): stage switch, gradients for DDP, resume,
+Hub pushes with a fake client, supervised-only runs, argument errors and a real COCO-format set (BCCD).
+
+Every run uses ``TINY``: timm's ``test_resnet`` backbone (0.4 M parameters, strides 8/16/32), d_model 32, one
+encoder and one decoder layer, 64-96 px views, 20 synthetic training images cached once per module.
+"""
+
+import json
+import logging
+import os
+from concurrent.futures import Future
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import HfArgumentParser
+
+from sparse_semi_detr_hf.loss import SetCriterion
+from sparse_semi_detr_hf.training.arguments import TrainingArguments
+from sparse_semi_detr_hf.training.step import ONE_TO_MANY, ONE_TO_ONE
+from sparse_semi_detr_hf.training.trainer import SemiSupervisedTrainer
+
+BCCD = Path("/work/shared/data/bccd")
+MODEL_SIDE = Path(__file__).resolve().parents[1] / "sparse_semi_detr_hf"
+
+TINY_MODEL = (
+    "--backbone test_resnet --d_model 32 --encoder_layers 1 --decoder_layers 1 --ffn_dim 64 --attention_heads 2 "
+    "--num_queries 20 --num_denoising_queries 10 --num_detections 20 --qrm_reduced_dim 16 "
+    "--config_overrides qrm_attention_heads=2 --image_scales 64,80 --max_image_size 96 --eval_image_size 64 "
+    "--labeled_batch_size 1 --unlabeled_batch_size 2 --num_workers 0 --eval_batch_size 8 --logging_steps 1"
+).split()
+TINY = ["--synthetic_num_train", "20", "--synthetic_num_val", "4", *TINY_MODEL]
+
+
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory) -> str:
+    """One generated synthetic set per module (``--synthetic_cache_dir``)."""
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+def parse(*argv: str) -> TrainingArguments:
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(args=list(argv))
+    return args
+
+
+def tiny_args(output_dir, cache: str, *extra: str) -> TrainingArguments:
+    return parse(*TINY, "--synthetic_cache_dir", cache, "--output_dir", str(output_dir), *extra)
+
+
+def student_detector(trainer: SemiSupervisedTrainer):
+    return trainer.accelerator.unwrap_model(trainer.student).detector
+
+
+# ---------------------------------------------------------------------------------------------- stage switch
+def test_stage_switch_reaches_the_criterion(tmp_path, synthetic_cache, monkeypatch):
+    """Steps < T1 train labeled and unlabeled data one-to-many, steps >= T1 one-to-one; pseudo-labels get
+    denoising queries only in the one-to-one stage (labeled targets in both)."""
+    calls = []
+    original = SetCriterion.forward
+
+    def recording(self, layer_logits, layer_boxes, targets, *args, **kwargs):
+        calls.append({"assignment": kwargs.get("assignment"), "pseudo": all("scores" in t for t in targets),
+                      "denoising": kwargs.get("dn_meta") is not None,
+                      "targets": sum(len(t["boxes"]) for t in targets)})
+        return original(self, layer_logits, layer_boxes, targets, *args, **kwargs)
+
+    monkeypatch.setattr(SetCriterion, "forward", recording)
+    # tau = 0: the untrained teacher's top detections become pseudo-labels, so the unlabeled loss has targets.
+    args = tiny_args(tmp_path, synthetic_cache, "--max_steps", "3", "--one_to_many_steps", "2", "--eval_steps", "100",
+                     "--checkpointing_steps", "100", "--pseudo_label_threshold", "0.0")
+    trainer = SemiSupervisedTrainer(args)
+    assert [trainer.stage(s) for s in (0, 1, 2, 3, 100)] == [ONE_TO_MANY] * 2 + [ONE_TO_ONE] * 3
+    results = trainer.train()
+
+    assert results["steps"] == 3
+    assert len(calls) == 6, calls  # one labeled and one unlabeled criterion call per step
+    labeled, unlabeled = calls[0::2], calls[1::2]
+    assert not any(c["pseudo"] for c in labeled) and all(c["pseudo"] for c in unlabeled)
+    expected = [ONE_TO_MANY, ONE_TO_MANY, ONE_TO_ONE]
+    assert [c["assignment"] for c in labeled] == expected
+    assert [c["assignment"] for c in unlabeled] == expected
+    assert all(c["targets"] > 0 for c in calls)
+    assert all(c["denoising"] for c in labeled)
+    assert [c["denoising"] for c in unlabeled] == [False, False, True]
+    assert results["final"]["stage"] == ONE_TO_ONE
+
+
+# ---------------------------------------------------------------------------------------------- DDP safety
+@pytest.mark.parametrize("query_mode", ["refined", "cross_view"])
+@pytest.mark.parametrize("threshold", ["1.0", "0.0"])
+def test_every_parameter_gets_a_gradient(tmp_path, synthetic_cache, query_mode, threshold):
+    """DDP without ``find_unused_parameters`` needs a gradient for every trainable parameter on every process,
+    also when a process has no pseudo-label (tau = 1) or the QRM keeps no query (tau = 0 on an untrained model:
+    the similarity step drops every box). Regression: the QRM's fuse layer / the cross-view projector had none."""
+    args = tiny_args(tmp_path, synthetic_cache, "--query_mode", query_mode, "--pseudo_label_threshold", threshold,
+                     "--one_to_many_steps", "0")
+    trainer = SemiSupervisedTrainer(args)
+    labeled_loader, unlabeled_loader = trainer._loaders()
+    loss, logs = trainer.compute_loss(next(iter(labeled_loader)), next(iter(unlabeled_loader)), ONE_TO_ONE)
+    loss.backward()
+    missing = [name for name, p in trainer.student.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert torch.isfinite(loss)
+    assert (logs["pseudo_per_image"] > 0) == (threshold == "0.0")
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def _parameters(trainer: SemiSupervisedTrainer) -> tuple[dict, dict]:
+    student = {k: v.detach().clone() for k, v in student_detector(trainer).state_dict().items()}
+    teacher = {k: v.detach().clone() for k, v in trainer.teacher.model.state_dict().items()}
+    return student, teacher
+
+
+def _assert_same(first: dict, second: dict, what: str) -> None:
+    assert first.keys() == second.keys()
+    different = [k for k in first if not torch.equal(first[k], second[k])]
+    assert different == [], f"{what}: {len(different)} tensors differ, e.g. {different[:5]}"
+
+
+@pytest.mark.parametrize("accumulation", ["1", "2"])
+def test_resume_gives_the_same_parameters(tmp_path, synthetic_cache, accumulation):
+    """k steps, checkpoint, resume ``latest``, n more steps == k + n uninterrupted steps (student, EMA teacher,
+    scheduler), bit for bit, also with gradient accumulation. T1 falls between the two parts; tau = 0 so RPF's
+    random jitter, the denoising noise and the QRM all run on the resumed side."""
+    common = ("--one_to_many_steps", "2", "--eval_steps", "100", "--checkpointing_steps", "2",
+              "--pseudo_label_threshold", "0.0", "--gradient_accumulation_steps", accumulation)
+    straight = SemiSupervisedTrainer(tiny_args(tmp_path / "straight", synthetic_cache, "--max_steps", "3", *common))
+    straight.train()
+
+    first = SemiSupervisedTrainer(tiny_args(tmp_path / "resumed", synthetic_cache, "--max_steps", "2", *common))
+    first.train()
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint_0").is_dir()
+    resumed = SemiSupervisedTrainer(tiny_args(tmp_path / "resumed", synthetic_cache, "--max_steps", "3",
+                                              "--resume_from_checkpoint", "latest", *common))
+    results = resumed.train()
+
+    assert results["steps"] == resumed.state.step == 3
+    expected_student, expected_teacher = _parameters(straight)
+    student, teacher = _parameters(resumed)
+    _assert_same(expected_student, student, "student")
+    _assert_same(expected_teacher, teacher, "EMA teacher")
+    assert resumed.teacher.last_momentum == straight.teacher.last_momentum
+    assert resumed.scheduler.last_epoch == straight.scheduler.last_epoch == 3
+    # the resumed run keeps numbering checkpoints after the one it resumed from
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["checkpoint_0", "checkpoint_1"]
+
+
+def test_fresh_run_in_a_used_output_dir(tmp_path, synthetic_cache):
+    """Regression: a new run (no resume) in an output dir that already holds checkpoints used to train to the
+    end and then crash in ``save_state`` ("Checkpoint directory ... already exists")."""
+    args = ("--max_steps", "1", "--eval_steps", "100", "--checkpointing_steps", "1", "--query_mode", "none")
+    SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache, *args)).train()
+    results = SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache, *args)).train()
+    assert results["steps"] == 1
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint_0", "checkpoint_1"]
+
+
+# ---------------------------------------------------------------------------------------------- Hub
+class FakeHubApi:
+    """``create_repo`` / ``upload_folder`` that copy the folder into ``remote`` (``mode=None``), raise at
+    submission (``"raise"``), or return a future that failed (``"future"``)."""
+
+    def __init__(self, remote: Path, mode: str | None = None):
+        self.remote, self.mode, self.uploads = remote, mode, []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, ignore_patterns=None, run_as_future=False):
+        self.uploads.append(commit_message)
+        assert run_as_future
+        if self.mode == "raise":
+            raise ConnectionError("upload refused")
+        future = Future()
+        if self.mode == "future":
+            future.set_exception(TimeoutError("upload timed out"))
+            return future
+        target = self.remote / repo_id
+        for path in Path(folder_path).rglob("*"):
+            if path.is_file():
+                (target / path.relative_to(folder_path)).parent.mkdir(parents=True, exist_ok=True)
+                (target / path.relative_to(folder_path)).write_bytes(path.read_bytes())
+        future.set_result(SimpleNamespace(commit_message=commit_message))
+        return future
+
+
+def _hub_run(tmp_path, cache, api) -> tuple[SemiSupervisedTrainer, dict]:
+    args = tiny_args(tmp_path / "out", cache, "--max_steps", "1", "--eval_steps", "100", "--checkpointing_steps",
+                     "100", "--push_to_hub", "--hub_model_id", "me/model", "--query_mode", "none")
+    trainer = SemiSupervisedTrainer(args, hub_api=api)
+    return trainer, trainer.train()
+
+
+def test_push_to_hub_uploads_the_model_folder(tmp_path, synthetic_cache):
+    api = FakeHubApi(tmp_path / "remote")
+    trainer, results = _hub_run(tmp_path, synthetic_cache, api)
+    assert results["hub_upload_ok"] is True
+    remote = tmp_path / "remote" / "me" / "model"
+    names = {p.name for p in remote.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= names
+    model_side = {p.name for p in MODEL_SIDE.glob("*.py")} - {"__init__.py"}
+    assert {"configuration_sparse_semi_detr.py", "modeling_sparse_semi_detr.py"} <= model_side <= names
+    assert not any(name.startswith("checkpoint") or name.endswith((".bin", ".pkl")) for name in names)
+    assert json.loads((remote / "config.json").read_text())["auto_map"]
+    card = ModelCard.load(remote / "README.md")
+    metrics = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert metrics["AP"] == pytest.approx(results["best"]["metrics"]["AP"])
+    assert {"AP", "AP50", "AP75"} <= metrics.keys()
+    assert card.data.pipeline_tag == "object-detection"
+
+
+@pytest.mark.parametrize("mode", ["raise", "future"])
+def test_hub_failures_do_not_stop_training(tmp_path, synthetic_cache, mode, caplog):
+    api = FakeHubApi(tmp_path / "remote", mode=mode)
+    with caplog.at_level(logging.WARNING):
+        trainer, results = _hub_run(tmp_path, synthetic_cache, api)
+    assert results["steps"] == 1
+    assert results["hub_upload_ok"] is False
+    assert len(api.uploads) == 1 + trainer.uploader.max_retries  # the push, then finish()'s retries
+    assert trainer.uploader.errors and any("upload" in r.getMessage() for r in caplog.records)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["hub_upload_ok"] is False and saved["hub_errors"]
+    assert (tmp_path / "out" / "best_model" / "model.safetensors").is_file()
+    assert not (tmp_path / "remote").exists()
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def test_supervised_only_runs_without_unlabeled_data(tmp_path, synthetic_cache):
+    args = tiny_args(tmp_path, synthetic_cache, "--supervised_only", "--max_steps", "2", "--eval_steps", "100",
+                     "--checkpointing_steps", "100", "--one_to_many_steps", "1")
+    trainer = SemiSupervisedTrainer(args)
+    assert trainer.data.unlabeled is None
+    labeled_loader, unlabeled_loader = trainer._loaders()
+    assert unlabeled_loader is None
+    results = trainer.train()
+    assert results["steps"] == 2
+    assert (tmp_path / "results.json").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--push_to_hub"], "hub_model_id"),
+    (["--train_images", "images"], "train_annotations"),
+    (["--val_images", "val"], "val_annotations"),
+    (["--labeled_percent", "0"], "labeled_percent"),
+    (["--labeled_percent", "150"], "labeled_percent"),
+    (["--max_steps", "0"], "max_steps"),
+    (["--preset", "huge"], "preset"),
+    (["--unlabeled_batch_size", "0"], "batch sizes"),
+])
+def test_bad_arguments_raise_clear_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse("--output_dir", "unused", *argv)
+
+
+def test_no_unlabeled_data_is_an_error(tmp_path, synthetic_cache):
+    with pytest.raises(ValueError, match="no unlabeled images"):
+        SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache, "--labeled_percent", "100"))
+
+
+# ---------------------------------------------------------------------------------------------- a real COCO set
+@pytest.mark.skipif(not (BCCD / "annotations.json").is_file(), reason="BCCD not available")
+def test_one_step_on_bccd(tmp_path):
+    """The COCO-folder loaders through the trainer: 50 % labeled, the rest unlabeled, validation = 10 % hold-out."""
+    args = parse(*TINY_MODEL, "--preset", "synthetic", "--train_images", str(BCCD / "images"),
+                 "--train_annotations", str(BCCD / "annotations.json"), "--labeled_percent", "50",
+                 "--max_steps", "1", "--eval_steps", "100", "--checkpointing_steps", "100",
+                 "--output_dir", str(tmp_path))
+    trainer = SemiSupervisedTrainer(args)
+    total = len(trainer.data.labeled) + len(trainer.data.unlabeled) + len(trainer.data.val)
+    assert total == len(json.loads((BCCD / "annotations.json").read_text())["images"])
+    assert len(trainer.data.val) == round(total * 0.1)
+    assert abs(len(trainer.data.labeled) - len(trainer.data.unlabeled)) <= 1
+    assert trainer.config.num_labels == 3 and set(trainer.config.id2label.values()) == {"RBC", "WBC", "Platelets"}
+    results = trainer.train()
+    assert results["steps"] == 1
+    assert set(results["final"]["student"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert (tmp_path / "best_model" / "config.json").is_file()
