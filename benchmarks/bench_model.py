@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip_inference", action="store_true", help="only the training step")
     parser.add_argument("--compile", action="store_true", help="also time our model wrapped in torch.compile")
     parser.add_argument("--semi", action="store_true", help="also time a full semi-supervised step (trainer hook)")
+    parser.add_argument("--semi_query_modes", default="refined,cross_view",
+                        help="query modes of the semi-supervised step (refined = Sparse Semi-DETR with RPF, "
+                             "cross_view = Semi-DETR)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write every number and the metadata to this JSON file")
     parser.set_defaults(**GPU_DEFAULTS)
@@ -471,17 +474,22 @@ def time_semi_step(args) -> dict:
         return _semi_skipped("sparse_semi_detr_hf.training.trainer has no build_benchmark_step(...)")
     device = torch.device(args.device)
     records = []
+    # Sparse Semi-DETR (refined queries + RPF) against Semi-DETR (cross-view queries, no RPF).
+    modes = {"refined": dict(query_mode="refined", use_rpf=True),
+             "cross_view": dict(query_mode="cross_view", use_rpf=False)}
     for dtype in args.dtype_list:
-        record = new_record("semi", Variant("ours", "auto"), dtype, (0, args.height, args.width))
-        record["model"] = "ours (semi-supervised step)"
-        print(f"- semi      {record['model']:<32} {dtype}", flush=True)
-        with guarded(record):
-            reset_memory(device)
-            step_fn, images_per_step = build(config_kwargs=our_config_kwargs(args), device=device,
-                                             height=args.height, width=args.width, autocast_dtype=DTYPES[dtype])
-            record["batch"] = images_per_step
-            finish_record(record, time_calls(step_fn, lambda: (), args.warmup, args.steps, device), device)
-        records.append(record)
+        for mode in args.semi_query_modes.split(","):
+            record = new_record("semi", Variant("ours", "auto"), dtype, (0, args.height, args.width))
+            record["model"] = f"ours semi step ({mode})"
+            print(f"- semi      {record['model']:<32} {dtype}", flush=True)
+            with guarded(record):
+                reset_memory(device)
+                step_fn, images_per_step = build(config_kwargs={**our_config_kwargs(args), **modes[mode]},
+                                                 device=device, height=args.height, width=args.width,
+                                                 autocast_dtype=DTYPES[dtype])
+                record["batch"] = images_per_step
+                finish_record(record, time_calls(step_fn, lambda: (), args.warmup, args.steps, device), device)
+            records.append(record)
     return {"records": records}
 
 

@@ -40,6 +40,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, required=True, help="steps after the burn-in")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", default=",".join(PHASE2))
+    parser.add_argument("--single_seed_variants", default="", help="variants run with the first seed only")
     parser.add_argument("--labeled_percent", type=float, default=10.0)
     parser.add_argument("--parallel", type=int, default=6)
     parser.add_argument("--skip_full", action="store_true", help="no supervised_100 calibration arm")
@@ -63,7 +64,10 @@ def main(argv=None) -> dict:
         init = os.path.join(args.output_dir, "burnin", "supervised_seed0", "best_model")
         phase2 = [*common, "--model_name_or_path", init, "--max_steps", str(args.steps),
                   "--one_to_many_steps", str(args.steps // 2)]
-        jobs = [(name, int(seed)) for seed in args.seeds.split(",") for name in args.variants.split(",")]
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+        single = set(filter(None, args.single_seed_variants.split(",")))
+        jobs = [(name, seed) for seed in seeds for name in args.variants.split(",")
+                if name not in single or seed == seeds[0]]
         futures = [pool.submit(ablation.run_one, name, seed, ns, phase2) for name, seed in jobs]
         records = [f.result() for f in futures] + ([full.result()] if full else [])
     report = {"burnin": burnin, "records": records, "extra_args": extra, "burnin_steps": args.burnin_steps,

@@ -108,7 +108,9 @@ def test_semi_hook_skips_without_trainer_and_times_a_provided_step(bench, monkey
     fake = types.ModuleType(module_name)
     fake.build_benchmark_step = build_benchmark_step
     monkeypatch.setitem(sys.modules, module_name, fake)
-    (semi,) = bench.time_semi_step(args)["records"]
-    assert "error" not in semi and calls == [0, 1, 2, 3] and len(semi["times_ms"]) == 3
+    refined, cross_view = bench.time_semi_step(args)["records"]
+    assert refined["model"].endswith("(refined)") and cross_view["model"].endswith("(cross_view)")
+    semi = refined
+    assert "error" not in semi and calls == list(range(8)) and len(semi["times_ms"]) == 3
     assert semi["batch"] == 5 and semi["median_ms"] > 0
     assert semi["images_per_s"] == pytest.approx(5e3 / semi["median_ms"])

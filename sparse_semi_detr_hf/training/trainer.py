@@ -103,7 +103,9 @@ def synthetic_datasets(args: TrainingArguments):
         cache = os.path.join(cache, f"synthetic_{args.synthetic_num_train}_{args.synthetic_num_val}")
         if os.path.isdir(cache):
             return load_from_disk(os.path.join(cache, "train")), load_from_disk(os.path.join(cache, "val"))
-    train, val = make_synthetic_detection_dataset(args.synthetic_num_train, args.synthetic_num_val, seed=0)
+    workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+    train, val = make_synthetic_detection_dataset(args.synthetic_num_train, args.synthetic_num_val, seed=0,
+                                                  num_proc=workers if args.synthetic_num_train >= 200 else 1)
     if cache:
         partial = f"{cache}.tmp{os.getpid()}"
         train.save_to_disk(os.path.join(partial, "train"))

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The commands that produced the H100 figures in docs/ (run from the repository root on the GPU machine).
+# Usage: bash benchmarks/run_h100.sh STAGE...   stages: setup kernel bench semi study smoke
+# Wheels for packages the GPU image lacks (datasets, pycocotools, ...) are expected in .whl/ (see docs/performance.md).
+set -uo pipefail
+OUT=${OUT:-outputs/h100}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD:/tmp/site" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+for stage in "$@"; do
+  echo "===== $stage $(date +%T)"
+  case $stage in
+    setup)
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+      if ! python3 -c "import pyarrow, sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)"; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl_arrow/*.whl
+      fi
+      python3 -c "import sys; sys.path.insert(0, '/tmp/site'); import torch, transformers, triton, timm, datasets, pycocotools, accelerate; print(torch.__version__, transformers.__version__, triton.__version__, timm.__version__, datasets.__version__, accelerate.__version__, torch.cuda.get_device_name())"
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ;;
+    kernel)
+      timeout ${KERNEL_TIMEOUT:-120} python3 benchmarks/check_attention_kernel.py --quick --no-sweep 2>&1 | tee "$OUT/kernel.txt" | tail -40
+      timeout 60 python3 -m pytest -q -m gpu tests/test_deformable_attention_triton.py 2>&1 | tail -5 ;;
+    bench)
+      timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_model.py --device cuda --steps 5 --warmup 2 --output "$OUT/bench_h100.json" 2>&1 | tail -30 ;;
+    semi)
+      timeout ${SEMI_TIMEOUT:-80} python3 benchmarks/bench_model.py --device cuda --semi --skip_anchor --skip_inference --backends triton --steps 5 --warmup 2 --output "$OUT/bench_semi_h100.json" 2>&1 | tail -12 ;;
+    smoke)
+      timeout ${SMOKE_TIMEOUT:-170} python3 benchmarks/synthetic_study.py --output_dir "$OUT/smoke" --burnin_steps 20 --steps 20 --seeds 0 --parallel 6 -- $STUDY_ARGS 2>&1 | tail -20 ;;
+    study)
+      timeout ${STUDY_TIMEOUT:-560} python3 benchmarks/synthetic_study.py --output_dir "$OUT/study" --burnin_steps "$BURNIN" --steps "$STEPS" --seeds 0,1,2 --single_seed_variants semi_detr,qrm_only,rpf_only --parallel 12 -- $STUDY_ARGS 2>&1 | tail -20 ;;
+  esac
+done
