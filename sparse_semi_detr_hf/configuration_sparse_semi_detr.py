@@ -55,7 +55,8 @@ class SparseSemiDetrConfig(PretrainedConfig):
         qrm_attention_heads (`int`, defaults to 8).
         qrm_attention_on (`str`, defaults to `"low"`): which set gets attention (`low|high|both|none`), Table 10.
         qrm_use_similarity (`bool`, defaults to `True`): similarity matching that refines and drops queries (Table 11).
-        qrm_similarity_threshold (`float`, defaults to 0.0): queries whose best cosine similarity is below are dropped.
+        qrm_similarity_threshold (`float`, defaults to -1.0): queries whose best cosine similarity is below are dropped
+            (-1 disables the threshold; partner collisions still drop duplicates).
         qrm_alignment_temperature (`float`, defaults to 0.1): temperature of the QRM's alignment (InfoNCE) loss.
         qrm_alignment_loss_coefficient (`float`, defaults to 1.0): weight of that loss (0 disables it); it teaches the
             similarity step that a box's own high-resolution feature is its partner (docs/method.md).
@@ -125,7 +126,7 @@ class SparseSemiDetrConfig(PretrainedConfig):
         qrm_attention_heads: int = 8,
         qrm_attention_on: str = "low",
         qrm_use_similarity: bool = True,
-        qrm_similarity_threshold: float = 0.0,
+        qrm_similarity_threshold: float = -1.0,
         qrm_alignment_temperature: float = 0.1,
         qrm_alignment_loss_coefficient: float = 1.0,
         consistency_loss_coefficient: float = 10.0,
@@ -251,6 +252,8 @@ class SparseSemiDetrConfig(PretrainedConfig):
         for field in ("box_noise_scale", "rpf_jitter", "num_denoising_queries", "qrm_alignment_loss_coefficient"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0 (got {getattr(self, field)}).")
+        if not -1.0 <= self.qrm_similarity_threshold <= 1.0:
+            raise ValueError(f"qrm_similarity_threshold must lie in [-1, 1] (got {self.qrm_similarity_threshold}).")
         if not self.qrm_alignment_temperature > 0:
             raise ValueError(f"qrm_alignment_temperature must be > 0 (got {self.qrm_alignment_temperature}).")
 

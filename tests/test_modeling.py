@@ -149,6 +149,7 @@ def test_return_dict_false_gives_tuple():
         ({"qrm_low_res_level": 7}, "qrm_low_res_level"),
         ({"num_queries": 0}, "num_queries"),
         ({"pseudo_label_threshold": 1.5}, "pseudo_label_threshold"),
+        ({"qrm_similarity_threshold": 1.5}, "qrm_similarity_threshold"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, field):
@@ -186,3 +187,14 @@ def test_dino_initialisation_reaches_parameterless_containers():
     with torch.no_grad():
         out = model(pixel_values=torch.randn(2, 3, 64, 64), labels=random_targets(2, [0, 0]))
     assert out.loss_dict["loss_ce_enc"] < 1.0
+
+
+def test_untrained_query_refinement_keeps_distinct_boxes():
+    """Regression: with the old default qrm_similarity_threshold=0.0 an untrained QRM dropped every query (its best
+    cosine similarities are slightly negative), so no refined query and no consistency loss existed early on."""
+    model = make_model(query_mode="refined")
+    module = model.model.query_module
+    d, size = model.config.d_model, model.config.qrm_roi_size
+    high, low = torch.randn(6, d, size, size), torch.randn(6, d, size, size)
+    refined = module(high, low, torch.tensor([0, 0, 0, 1, 1, 1]), torch.rand(6))
+    assert len(refined.keep) > 0
