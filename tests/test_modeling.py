@@ -189,12 +189,20 @@ def test_dino_initialisation_reaches_parameterless_containers():
     assert out.loss_dict["loss_ce_enc"] < 1.0
 
 
-def test_untrained_query_refinement_keeps_distinct_boxes():
-    """Regression: with the old default qrm_similarity_threshold=0.0 an untrained QRM dropped every query (its best
-    cosine similarities are slightly negative), so no refined query and no consistency loss existed early on."""
+def test_default_query_refinement_keeps_boxes_with_negative_similarity(monkeypatch):
+    """Regression: with the old default qrm_similarity_threshold=0.0 an untrained QRM dropped every query in real
+    training (its best cosine similarities were -0.06 to -0.22), so no refined query and no consistency loss
+    existed early on. Distinct boxes whose best partner is themselves must survive by default."""
+    import sparse_semi_detr_hf.query_refinement as qr
+
+    def negative_similarity(low, high, batch_index):
+        same = batch_index[:, None] == batch_index[None, :]
+        sim = torch.full((len(batch_index), len(batch_index)), -0.3) + 0.2 * torch.eye(len(batch_index))
+        return sim.masked_fill(~same, float("-inf"))
+
+    monkeypatch.setattr(qr, "same_image_similarity", negative_similarity)
     model = make_model(query_mode="refined")
-    module = model.model.query_module
     d, size = model.config.d_model, model.config.qrm_roi_size
-    high, low = torch.randn(6, d, size, size), torch.randn(6, d, size, size)
-    refined = module(high, low, torch.tensor([0, 0, 0, 1, 1, 1]), torch.rand(6))
-    assert len(refined.keep) > 0
+    refined = model.model.query_module(torch.randn(6, d, size, size), torch.randn(6, d, size, size),
+                                       torch.tensor([0, 0, 0, 1, 1, 1]), torch.rand(6))
+    assert refined.keep.tolist() == [0, 1, 2, 3, 4, 5]
