@@ -4,11 +4,20 @@ Position ``p`` of process ``r`` (of ``w``) takes element ``p * w + r`` of the en
 permutations of the dataset, so the order does not depend on DataLoader workers, and a resumed run continues
 exactly where it stopped by starting at ``p = consumed``. The position is also handed to the dataset, which
 seeds the example's random views with it.
+
+Streamed sets (``datasets.IterableDataset``, see ``training.data.as_streaming``) have no positions: there each
+process and each of its DataLoader workers runs its own endless, seeded passes over its shards
+(:class:`ResumableStream`), and a resumed run drops what the interrupted one consumed
+(:func:`endless_stream_loader`).
 """
+
+import copy
+import itertools
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 
 class PositionSampler(Sampler):
@@ -62,3 +71,89 @@ def endless_loader(dataset, batch_size: int, collate_fn, seed: int, rank: int, w
         num_workers=num_workers, persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # keep the global RNG untouched by loader start-up
     )
+
+
+class _Rows:
+    """One pass over ``stream`` per ``iter``, without its first ``skip`` rows (dropped undecoded). A pass shorter
+    than ``skip`` is dropped whole and the rest of ``skip`` carries over to the next pass. ``read`` counts the
+    rows of the last pass, dropped ones included."""
+
+    def __init__(self, stream):
+        self.stream, self.skip, self.read = stream, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self):
+        self.read = 0
+        for row in self.stream:
+            self.read += 1
+            if self.skip > 0:
+                self.skip -= 1
+                continue
+            yield row
+
+
+class ResumableStream(IterableDataset):
+    """Endless items from a ``datasets`` stream, continuing after ``skip_rows`` rows of this process (or worker).
+
+    ``wrap(rows)`` builds the item dataset over an iterable of rows that has ``set_epoch`` (e.g.
+    ``functools.partial(UnlabeledPairIterableDataset, transform=..., seed=...)``); pass ``e`` of the endless
+    loop calls ``set_epoch(e)`` on it, which reshuffles the stream and changes the per-example view seeds.
+    Every ``iter`` works on a private copy that starts at pass 0: ``datasets`` keeps the epoch in shared memory,
+    and DataLoader workers that run their passes independently must not move each other's epoch.
+    Raises ``RuntimeError`` when a pass has no row (an empty share) or no readable row.
+    """
+
+    def __init__(self, stream, wrap: Callable, skip_rows: int = 0):
+        self.rows = _Rows(stream)
+        self.items = wrap(self.rows)
+        self.skip_rows = skip_rows
+
+    def __iter__(self):
+        rows, items = copy.deepcopy((self.rows, self.items))
+        rows.skip = self.skip_rows
+        for epoch in itertools.count():
+            items.set_epoch(epoch)
+            skip_before, produced = rows.skip, 0
+            for item in items:
+                produced += 1
+                yield item
+            if rows.read == 0:
+                raise RuntimeError("the streamed dataset has no row for this process / DataLoader worker "
+                                   "(fewer rows or shards than processes x workers?)")
+            if produced == 0 and rows.read > skip_before - rows.skip:
+                raise RuntimeError(f"no readable row in a whole pass of {rows.read} rows (epoch {epoch})")
+
+
+class SkipBatches:
+    """Iterates ``loader`` without its first ``count`` batches (each ``iter`` starts anew)."""
+
+    def __init__(self, loader: DataLoader, count: int = 0):
+        self.loader, self.count = loader, count
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.count, None)
+
+
+def endless_stream_loader(stream, wrap: Callable, batch_size: int, collate_fn, seed: int, start_batch: int = 0,
+                          num_workers: int = 0) -> SkipBatches:
+    """Endless batches of ``wrap(stream)`` items (see :class:`ResumableStream`), after ``start_batch`` consumed ones.
+
+    ``stream`` is this process's share (``as_streaming`` already split it by node). ``W = min(num_workers,
+    stream.num_shards)`` workers split its shards, each running its own endless passes, and the DataLoader takes
+    their batches in turn: batch ``j`` comes from worker ``j % W`` (``W = 1`` without workers). After ``k``
+    batches every worker has made ``k // W`` of them, so a resumed loader drops ``(k // W) * batch_size`` rows in
+    each worker (undecoded, cheap) and then the ``k % W`` batches of the first workers (decoded). The result is
+    the uninterrupted sequence when the stream's shuffle is seeded and ``num_workers``, the number of processes and
+    the batch size are unchanged; unreadable images are skipped after the row count, so a resumed run that
+    crossed some repeats as many images.
+    """
+    workers = max(0, min(num_workers, stream.num_shards))
+    lanes = max(1, workers)
+    dataset = ResumableStream(stream, wrap, skip_rows=start_batch // lanes * batch_size)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),  # keep the global RNG untouched by loader start-up
+    )
+    return SkipBatches(loader, start_batch % lanes)
