@@ -142,12 +142,12 @@ def endless_stream_loader(stream, wrap: Callable, batch_size: int, collate_fn, s
 
     ``stream`` is this process's share (``as_streaming`` already split it by node). ``W = min(num_workers,
     stream.num_shards)`` workers split its shards, each running its own endless passes, and the DataLoader takes
-    their batches in turn: batch ``j`` comes from worker ``j % W`` (``W = 1`` without workers). After ``k``
-    batches every worker has made ``k // W`` of them, so a resumed loader drops ``(k // W) * batch_size`` rows in
-    each worker (undecoded, cheap) and then the ``k % W`` batches of the first workers (decoded). The result is
-    the uninterrupted sequence when the stream's shuffle is seeded and ``num_workers``, the number of processes and
-    the batch size are unchanged; unreadable images are skipped after the row count, so a resumed run that
-    crossed some repeats as many images.
+    their batches in turn: batch ``j`` comes from worker ``j % W`` (``W = 1`` without workers). The first
+    ``(k // W) * W`` of ``k`` consumed batches are ``k // W`` of every worker's, so a resumed loader drops
+    ``(k // W) * batch_size`` rows in each worker (undecoded, cheap) and then the next ``k % W`` batches (decoded).
+    The result is the uninterrupted sequence when the stream's shuffle is seeded and ``num_workers``, the number
+    of processes and the batch size are unchanged. Dropped rows are counted before decoding: if the interrupted
+    run skipped unreadable images, the resumed run repeats as many.
     """
     workers = max(0, min(num_workers, stream.num_shards))
     lanes = max(1, workers)

@@ -5,6 +5,7 @@ loops: teacher pass on the weak view, student pass on labeled + strong views, EM
 and teacher with COCO mAP, saves and resumes the training state, exports the best model and pushes it.
 """
 
+import functools
 import json
 import logging
 import math
@@ -25,6 +26,8 @@ from .arguments import TrainingArguments
 from .data import (
     LabeledDetectionDataset,
     UnlabeledPairDataset,
+    UnlabeledPairIterableDataset,
+    as_streaming,
     collate_labeled,
     collate_unlabeled,
     dataset_id2label,
@@ -35,7 +38,7 @@ from .data import (
 )
 from .evaluation import coco_ground_truth_from_dataset, evaluate_detections
 from .hub import HubUploader, build_model_card
-from .sampling import endless_loader
+from .sampling import SkipBatches, endless_loader, endless_stream_loader
 from .step import ONE_TO_MANY, ONE_TO_ONE, SemiSupervisedStudent, semi_supervised_loss
 from .synthetic import make_synthetic_detection_dataset
 from .teacher import EMATeacher
@@ -46,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DataBundle:
+    """Training data. ``unlabeled`` is a Dataset, or the ``--unlabeled_images`` path itself when it is streamed
+    (``--stream_unlabeled``: ``as_streaming`` reads the folder / json when the loader is built)."""
+
     labeled: object
     unlabeled: object | None
     val: object
@@ -87,10 +93,10 @@ def load_data(args: TrainingArguments) -> DataBundle:
             train, args.labeled_percent, fold=args.fold, labeled_ids=args.labeled_ids_file
         )
     if args.unlabeled_images:
-        unlabeled = load_unlabeled_images(args.unlabeled_images)
+        unlabeled = args.unlabeled_images if args.stream_unlabeled else load_unlabeled_images(args.unlabeled_images)
     if args.supervised_only:
         unlabeled = None
-    elif unlabeled is None or len(unlabeled) == 0:
+    elif unlabeled is None or (not isinstance(unlabeled, str) and len(unlabeled) == 0):
         raise ValueError("no unlabeled images: give --unlabeled_images, --labeled_percent < 100, or "
                          "--supervised_only")
     return DataBundle(labeled, unlabeled, val, dataset_id2label(train), name)
@@ -115,6 +121,24 @@ def synthetic_datasets(args: TrainingArguments):
         except OSError:  # another process finished first
             shutil.rmtree(partial, ignore_errors=True)
     return train, val
+
+
+def unlabeled_stream_loader(source, transform, batch_size: int, seed: int, rank: int, world_size: int,
+                            start_batch: int = 0, num_workers: int = 0, shuffle_buffer: int = 1000) -> SkipBatches:
+    """Endless unlabeled batches (``collate_unlabeled`` layout) streamed from ``source`` for process ``rank``.
+
+    ``source`` is a Dataset, an image folder or a COCO json (``as_streaming`` lists a folder's files itself; no
+    image is read before it is batched). The stream is cut into a multiple of ``world_size x num_workers`` shards
+    (at least 64, at most one per row) so processes and then DataLoader workers split whole shards, shuffled with
+    ``seed`` (the same on every process; ``set_epoch`` on each pass), and wrapped in
+    ``UnlabeledPairIterableDataset`` (views seeded by ``[seed, epoch, image_id]``). ``start_batch``: batches this
+    process already consumed (resume; see ``sampling.endless_stream_loader``).
+    """
+    lanes = world_size * max(1, num_workers)
+    stream = as_streaming(source, num_shards=lanes * -(-64 // lanes), rank=rank, world_size=world_size, seed=seed,
+                          shuffle_buffer=shuffle_buffer)
+    wrap = functools.partial(UnlabeledPairIterableDataset, transform=transform, seed=seed)
+    return endless_stream_loader(stream, wrap, batch_size, collate_unlabeled, seed, start_batch, num_workers)
 
 
 def build_detector(args: TrainingArguments, id2label: dict) -> SparseSemiDetrForObjectDetection:
@@ -193,12 +217,20 @@ class SemiSupervisedTrainer:
         labeled = LabeledDetectionDataset(self.data.labeled, LabeledTransform(self.views), seed=args.seed)
         labeled_loader = endless_loader(labeled, args.labeled_batch_size, collate_labeled, args.seed,
                                         acc.process_index, acc.num_processes, consumed, args.num_workers)
-        unlabeled_loader = None
-        if self.data.unlabeled is not None:
-            pairs = UnlabeledPairDataset(self.data.unlabeled, UnlabeledPairTransform(self.views), seed=args.seed + 1)
-            unlabeled_loader = endless_loader(pairs, args.unlabeled_batch_size, collate_unlabeled, args.seed + 1,
-                                              acc.process_index, acc.num_processes, consumed, args.num_workers)
+        unlabeled_loader = None if self.data.unlabeled is None else self._unlabeled_loader(consumed)
         return labeled_loader, unlabeled_loader
+
+    def _unlabeled_loader(self, consumed: int):
+        """Endless unlabeled batches after ``consumed`` batches of this process: streamed with
+        ``--stream_unlabeled``, else positions of the map-style dataset."""
+        args, acc = self.args, self.accelerator
+        transform = UnlabeledPairTransform(self.views)
+        if args.stream_unlabeled:
+            return unlabeled_stream_loader(self.data.unlabeled, transform, args.unlabeled_batch_size, args.seed + 1,
+                                           acc.process_index, acc.num_processes, consumed, args.num_workers)
+        pairs = UnlabeledPairDataset(self.data.unlabeled, transform, seed=args.seed + 1)
+        return endless_loader(pairs, args.unlabeled_batch_size, collate_unlabeled, args.seed + 1, acc.process_index,
+                              acc.num_processes, consumed, args.num_workers)
 
     def _val_batches(self):
         acc = self.accelerator
