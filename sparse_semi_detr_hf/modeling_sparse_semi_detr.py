@@ -198,6 +198,13 @@ def _valid_ratios(padding_mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.stack((valid_w, valid_h), -1)
 
 
+def _shapes_tensor(shapes_list: list[tuple[int, int]], device: torch.device) -> Tensor:
+    """``[(H_l, W_l)]`` -> ``(L, 2)`` long on ``device``, filled on the device: ``torch.as_tensor(..., device=cuda)``
+    would be a blocking host-to-device copy, i.e. a host sync in every ``encode``."""
+    values = [torch.full((), size, dtype=torch.long, device=device) for shape in shapes_list for size in shape]
+    return torch.stack(values).view(len(shapes_list), 2)
+
+
 class SparseSemiDetrModel(SparseSemiDetrPreTrainedModel):
     """Backbone, neck, deformable encoder, query selection, decoder and the shared detection heads."""
 
@@ -241,7 +248,7 @@ class SparseSemiDetrModel(SparseSemiDetrPreTrainedModel):
             1,
         )
         memory_padding_mask = torch.cat([mask.flatten(1) for mask in masks], 1)  # (B, S)
-        spatial_shapes = torch.as_tensor(shapes_list, dtype=torch.long, device=tokens.device)
+        spatial_shapes = _shapes_tensor(shapes_list, tokens.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([_valid_ratios(mask, tokens.dtype) for mask in masks], 1)  # (B, L, 2)
         memory = self.encoder(
