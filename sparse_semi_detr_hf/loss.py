@@ -242,10 +242,10 @@ class SetCriterion(nn.Module):
         loss. L1/GIoU on positives. All divided by ``num_boxes * num_groups``.
         """
         pad, num_queries = meta.pad_size, logits.shape[1]
-        sizes = torch.tensor([len(t["boxes"]) for t in targets], device=logits.device)
-        if num_queries != meta.num_queries or num_queries != 2 * meta.num_groups * pad or sizes.max() > pad:
-            raise ValueError(f"Denoising outputs ({num_queries} queries, {sizes.tolist()} targets) do not fit "
-                             f"{meta}.")
+        counts = [len(t["boxes"]) for t in targets]  # shapes: checked on the host without a device sync
+        if num_queries != meta.num_queries or num_queries != 2 * meta.num_groups * pad or max(counts) > pad:
+            raise ValueError(f"Denoising outputs ({num_queries} queries, {counts} targets) do not fit {meta}.")
+        sizes = torch.tensor(counts, device=logits.device)
         slot = torch.arange(num_queries, device=logits.device) % (2 * pad)
         target_idx = slot % pad
         valid = target_idx[None] < sizes[:, None]  # (B, Ndn)
