@@ -60,6 +60,7 @@ def test_main_writes_results_model_checkpoints_and_tensorboard(tmp_path):
     assert [r["step"] for r in saved["history"]] == [1, 2]
     assert [r["stage"] for r in saved["history"]] == ["one_to_one", "one_to_one"]
     assert saved["seconds_per_step"] > 0 and saved["num_processes"] == 1
+    assert {"loss", "loss_sup", "loss_unsup", "pseudo_per_image"} <= set(saved["last_logged"])
 
     assert sorted(os.listdir(output / "checkpoints")) == ["checkpoint_0", "checkpoint_1"]
 

@@ -302,6 +302,7 @@ class SemiSupervisedTrainer:
         if step % args.logging_steps == 0 or step == args.max_steps:
             values = {k: float(v) for k, v in logs.items() if k != "stage"}
             values["one_to_many"] = float(logs["stage"] == ONE_TO_MANY)
+            self.last_logs = values  # kept for results.json (pseudo-labels per image, refined queries kept, ...)
             progress.set_postfix({k: f"{values[k]:.3g}" for k in ("loss", "loss_sup", "loss_unsup") if k in values})
             self.accelerator.log(values, step=step)
         evaluate = step % args.eval_steps == 0 and step != args.max_steps
@@ -407,6 +408,7 @@ class SemiSupervisedTrainer:
         record = self.evaluate_and_export()
         results = {"final": record, "best": self.state.best, "history": self.state.history,
                    "seconds_per_step": seconds_per_step, "steps": self.state.step, "args": self.args.to_dict(),
+                   "last_logged": getattr(self, "last_logs", {}),
                    "device": str(self.accelerator.device), "num_processes": self.accelerator.num_processes}
         if self.accelerator.is_main_process:
             self._write_results(results)
