@@ -75,10 +75,17 @@ def markdown(rows: list[dict], which: str) -> str:
     return "\n".join(lines)
 
 
+def split_passthrough(argv) -> tuple[list[str], list[str]]:
+    """``[own args] -- [args for every run]`` -> ``(own, passed)``."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    own, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/ablation")
     parser.add_argument("--variants", default=",".join(VARIANTS))
