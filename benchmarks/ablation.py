@@ -99,10 +99,15 @@ def main(argv=None) -> dict:
         parser.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
     with ThreadPoolExecutor(args.parallel) as pool:
         records = list(pool.map(lambda job: run_one(job[0], job[1], args, extra), jobs))
-    report = {"records": records, "extra_args": extra}
+    return write_report({"records": records, "extra_args": extra}, os.path.join(args.output_dir, "ablation.json"))
+
+
+def write_report(report: dict, path: str) -> dict:
+    """Add the teacher and student summaries of ``report["records"]``, save it as JSON, print the tables."""
+    records = report["records"]
     for which in ("teacher", "student"):
         report[which] = summarize(records, which)
-    with open(os.path.join(args.output_dir, "ablation.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(report, f, indent=2)
     failed = [f"{r['name']}_seed{r['seed']}" for r in records if r["returncode"] != 0]
     if failed:

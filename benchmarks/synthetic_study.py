@@ -14,7 +14,6 @@ Runs execute as separate processes, ``--parallel`` at a time, on the same device
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -70,16 +69,7 @@ def main(argv=None) -> dict:
         records = [f.result() for f in futures] + ([full.result()] if full else [])
     report = {"burnin": burnin, "records": records, "extra_args": extra, "burnin_steps": args.burnin_steps,
               "steps": args.steps, "wall_seconds": time.time() - started}
-    for which in ("teacher", "student"):
-        report[which] = ablation.summarize(records, which)
-    with open(os.path.join(args.output_dir, "study.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    failed = [f"{r['name']}_seed{r['seed']}" for r in records if r["returncode"] != 0]
-    if failed:
-        print("FAILED runs (see their log.txt):", ", ".join(failed))
-    for which in ("teacher", "student"):
-        print(ablation.markdown(report[which], which), "\n")
-    return report
+    return ablation.write_report(report, os.path.join(args.output_dir, "study.json"))
 
 
 def _prepare_data(common: list[str]) -> None:
