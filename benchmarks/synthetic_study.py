@@ -65,6 +65,7 @@ def main(argv=None) -> dict:
         single = set(filter(None, args.single_seed_variants.split(",")))
         jobs = [(name, seed) for seed in seeds for name in args.variants.split(",")
                 if name not in single or seed == seeds[0]]
+        jobs.sort(key=lambda job: job[0] in single)  # every seed of the main variants first
         futures = [pool.submit(ablation.run_one, name, seed, ns, phase2) for name, seed in jobs]
         records = [f.result() for f in futures] + ([full.result()] if full else [])
     report = {"burnin": burnin, "records": records, "extra_args": extra, "burnin_steps": args.burnin_steps,

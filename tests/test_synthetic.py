@@ -101,9 +101,3 @@ def test_shapes_and_textures_differ():
     for texture in ("stripes", "checker", "dots"):
         fraction = texture_mask(texture, xs, ys, 4.0, 0, (0.0, 0.0)).mean()
         assert 0.15 < fraction < 0.6
-
-
-def test_generation_speed():
-    start = time.perf_counter()
-    make_synthetic_detection_dataset(num_train=60, num_val=0, seed=3)
-    assert time.perf_counter() - start < 15.0  # ~20-30 ms per image on one shared core

@@ -254,6 +254,23 @@ def test_bad_arguments_raise_clear_errors(argv, message):
         parse("--output_dir", "unused", *argv)
 
 
+def test_synthetic_overrides_change_the_generated_set(tmp_path):
+    from sparse_semi_detr_hf.training.trainer import synthetic_datasets
+
+    common = ["--output_dir", "unused", "--synthetic_num_train", "6", "--synthetic_num_val", "2",
+              "--synthetic_cache_dir", str(tmp_path)]
+    default_train, _ = synthetic_datasets(parse(*common))
+    train, val = synthetic_datasets(parse(*common, "--synthetic_overrides", "num_classes=3,image_size=40:48"))
+    names = train.features["objects"]["category"].feature.names
+    assert len(names) == 3 and len(default_train.features["objects"]["category"].feature.names) == 10
+    assert all(40 <= side <= 48 for row in [*train, *val] for side in (row["width"], row["height"]))
+    assert len(os.listdir(tmp_path)) == 2  # each set has its own cache entry
+    again, _ = synthetic_datasets(parse(*common, "--synthetic_overrides", "num_classes=3,image_size=40:48"))
+    assert again["image_id"] == train["image_id"] and len(os.listdir(tmp_path)) == 2
+    with pytest.raises(ValueError, match="unknown field 'radius'"):
+        synthetic_datasets(parse(*common, "--synthetic_overrides", "radius=3:4"))
+
+
 def test_no_unlabeled_data_is_an_error(tmp_path, synthetic_cache):
     with pytest.raises(ValueError, match="no unlabeled images"):
         SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache, "--labeled_percent", "100"))

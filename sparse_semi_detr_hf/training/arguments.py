@@ -73,6 +73,9 @@ class TrainingArguments:
     synthetic_num_val: int | None = field(default=None, metadata={"help": "Synthetic validation images."})
     synthetic_cache_dir: str | None = field(default=None, metadata={"help": "Save/reuse the generated synthetic "
                                                                             "set here (datasets save_to_disk)."})
+    synthetic_overrides: str | None = field(default=None, metadata={"help": "SyntheticConfig difficulty knobs, "
+                                                                            "'k=v,k=lo:hi' (e.g. 'num_classes=6,"
+                                                                            "radius_range=6:28,clutter=0.5')."})
     image_scales: str | None = field(default=None, metadata={"help": "Comma-separated training short sides."})
     max_image_size: int | None = field(default=None, metadata={"help": "Longest side of training views."})
     eval_image_size: int | None = field(default=None, metadata={"help": "Short side of evaluation views."})
@@ -206,6 +209,22 @@ def parse_overrides(text: str | None) -> dict:
             raise ValueError(f"config override {item!r} is not 'key=value'.")
         key, raw = (s.strip() for s in item.split("=", 1))
         result[key] = _parse_value(raw)
+    return result
+
+
+def parse_synthetic_overrides(text: str | None) -> dict:
+    """``"num_classes=6,image_size=112:144"`` -> ``{"num_classes": 6, "image_size": (112, 144)}`` (``lo:hi`` is a
+    range; the keys are checked by ``SyntheticConfig``)."""
+    from .synthetic import SyntheticConfig
+
+    known = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    result = {}
+    for key, value in parse_overrides(text).items():
+        if key not in known:
+            raise ValueError(f"synthetic_overrides: unknown field {key!r}; known: {sorted(known)}")
+        if isinstance(value, str) and ":" in value:
+            value = tuple(_parse_value(part) for part in value.split(":"))
+        result[key] = value
     return result
 
 

@@ -6,6 +6,7 @@ and teacher with COCO mAP, saves and resumes the training state, exports the bes
 """
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from torchvision.ops import batched_nms
 from tqdm.auto import tqdm
 
 from .. import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection, SparseSemiDetrImageProcessor
-from .arguments import TrainingArguments
+from .arguments import TrainingArguments, parse_synthetic_overrides
 from .data import (
     LabeledDetectionDataset,
     UnlabeledPairDataset,
@@ -40,7 +41,7 @@ from .evaluation import coco_ground_truth_from_dataset, evaluate_detections
 from .hub import HubUploader, build_model_card
 from .sampling import SkipBatches, endless_loader, endless_stream_loader
 from .step import ONE_TO_MANY, ONE_TO_ONE, SemiSupervisedStudent, semi_supervised_loss
-from .synthetic import make_synthetic_detection_dataset
+from .synthetic import SyntheticConfig, make_synthetic_detection_dataset
 from .teacher import EMATeacher
 from .transforms import EvalTransform, LabeledTransform, UnlabeledPairTransform, ViewConfig
 
@@ -104,13 +105,19 @@ def load_data(args: TrainingArguments) -> DataBundle:
 
 def synthetic_datasets(args: TrainingArguments):
     """The embedded synthetic set (train, val), generated or reused from ``synthetic_cache_dir``."""
+    overrides = parse_synthetic_overrides(args.synthetic_overrides)
     cache = args.synthetic_cache_dir
     if cache:
-        cache = os.path.join(cache, f"synthetic_{args.synthetic_num_train}_{args.synthetic_num_val}")
+        name = f"synthetic_{args.synthetic_num_train}_{args.synthetic_num_val}"
+        if overrides:  # a different set: its own cache entry
+            name += "_" + hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
+        cache = os.path.join(cache, name)
         if os.path.isdir(cache):
             return load_from_disk(os.path.join(cache, "train")), load_from_disk(os.path.join(cache, "val"))
     workers = max(1, min(8, (os.cpu_count() or 1) // 2))
-    train, val = make_synthetic_detection_dataset(args.synthetic_num_train, args.synthetic_num_val, seed=0,
+    config = SyntheticConfig(**overrides)
+    train, val = make_synthetic_detection_dataset(args.synthetic_num_train, args.synthetic_num_val,
+                                                  image_size=config.image_size, seed=0, config=config,
                                                   num_proc=workers if args.synthetic_num_train >= 200 else 1)
     if cache:
         partial = f"{cache}.tmp{os.getpid()}"
