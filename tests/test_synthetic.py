@@ -1,7 +1,6 @@
 """The embedded synthetic detection dataset: deterministic, in the common schema, hard by construction."""
 
 import hashlib
-import time
 
 import numpy as np
 import pytest
