@@ -72,8 +72,34 @@ def _count_boxes(targets: list[dict], dn_targets: list[dict], device: torch.devi
     Batch totals averaged over processes, at least 1; one collective, always called, so that every process
     runs the same collectives whether or not it has denoising queries.
     """
-    counts = [float(sum(len(t["boxes"]) for t in group)) for group in (targets, dn_targets)]
-    return tuple(global_mean(torch.tensor(counts, device=device)).clamp(min=1.0).unbind())
+    counts = torch.tensor([float(sum(len(t["boxes"]) for t in group)) for group in (targets, dn_targets)])
+    return tuple(global_mean(host_to_device(counts, device)).clamp(min=1.0).unbind())
+
+
+def host_to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on ``device`` without waiting for the device (pinned, non-blocking copy on CUDA).
+
+    A plain ``torch.tensor(values, device="cuda")`` synchronizes the stream; built from host-known shapes (box
+    counts), these tensors need no sync.
+    """
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _denoising_pairs(counts: list[int], num_groups: int, pad: int, device) -> list[tuple[Tensor, Tensor]]:
+    """Positive ``(query_idx, target_idx)`` per image of the denoising layout, built on the host (no sync).
+
+    Image ``b``'s target ``j`` has its positive copy at query ``2 * g * pad + j`` in every group ``g``.
+    """
+    queries, targets = [], []
+    for n in counts:
+        index = torch.arange(n)
+        queries.append((torch.arange(num_groups)[:, None] * 2 * pad + index[None]).flatten())
+        targets.append(index.repeat(num_groups))
+    flat = host_to_device(torch.stack((torch.cat(queries), torch.cat(targets))), device)
+    sizes = [n * num_groups for n in counts]
+    return list(zip(flat[0].split(sizes), flat[1].split(sizes)))
 
 
 def _keep(target: dict, keep: Tensor) -> dict:
@@ -245,14 +271,11 @@ class SetCriterion(nn.Module):
         counts = [len(t["boxes"]) for t in targets]  # shapes: checked on the host without a device sync
         if num_queries != meta.num_queries or num_queries != 2 * meta.num_groups * pad or max(counts) > pad:
             raise ValueError(f"Denoising outputs ({num_queries} queries, {counts} targets) do not fit {meta}.")
-        sizes = torch.tensor(counts, device=logits.device)
-        slot = torch.arange(num_queries, device=logits.device) % (2 * pad)
-        target_idx = slot % pad
-        valid = target_idx[None] < sizes[:, None]  # (B, Ndn)
-        positive = valid & (slot < pad)[None]
-        batch_idx, query_idx = positive.nonzero(as_tuple=True)
-        pairs = [(query_idx[batch_idx == b], target_idx[query_idx[batch_idx == b]]) for b in range(len(targets))]
-        _, _, labels, target_boxes = _flatten_pairs(targets, pairs)
+        sizes = host_to_device(torch.tensor(counts), logits.device)
+        target_idx = torch.arange(num_queries, device=logits.device) % pad
+        valid = target_idx[None] < sizes[:, None]  # (B, Ndn): positive and negative slots of real targets
+        pairs = _denoising_pairs(counts, meta.num_groups, pad, logits.device)
+        batch_idx, query_idx, labels, target_boxes = _flatten_pairs(targets, pairs)
         onehot = torch.zeros_like(logits, dtype=torch.float32)
         onehot[batch_idx, query_idx, labels] = 1.0
         focal = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma)
