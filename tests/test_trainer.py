@@ -254,6 +254,26 @@ def test_bad_arguments_raise_clear_errors(argv, message):
         parse("--output_dir", "unused", *argv)
 
 
+def test_evaluation_decodes_the_validation_set_once_for_student_and_teacher(tmp_path, synthetic_cache):
+    trainer = SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache))
+    passes = []
+    original = trainer._val_batches
+    trainer._val_batches = lambda: passes.append(1) or original()
+    student, teacher = student_detector(trainer), trainer.teacher.model
+    with torch.no_grad():  # make the two models differ
+        for parameter in student.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    both = trainer.predict({"student": student, "teacher": teacher}, ONE_TO_MANY)
+    assert len(passes) == 1 and student.training and not teacher.training
+    for name, model in (("student", student), ("teacher", teacher)):
+        (alone,) = trainer.predict({name: model}, ONE_TO_MANY).values()
+        for got, expected in zip(both[name], alone, strict=True):
+            torch.testing.assert_close(got["scores"], expected["scores"])
+    assert not torch.equal(both["student"][0]["scores"], both["teacher"][0]["scores"])
+    metrics = trainer.evaluate({"student": student, "teacher": teacher}, ONE_TO_ONE)
+    assert set(metrics) == {"student", "teacher"} and "APs" in metrics["teacher"]
+
+
 def test_synthetic_overrides_change_the_generated_set(tmp_path):
     from sparse_semi_detr_hf.training.trainer import synthetic_datasets
 

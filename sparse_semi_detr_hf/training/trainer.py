@@ -348,42 +348,56 @@ class SemiSupervisedTrainer:
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def predict(self, detector, stage: str) -> list[dict]:
-        """This process's share of the validation set -> predictions in original-image pixels."""
-        was_training = detector.training
-        detector.eval()
-        predictions = []
+    def predict(self, detectors: dict, stage: str) -> dict[str, list[dict]]:
+        """This process's share of the validation set -> each detector's predictions in original-image pixels.
+
+        ``detectors``: name -> model. Each validation batch is decoded once and run through every model.
+        """
+        modes = {name: detector.training for name, detector in detectors.items()}
+        predictions = {name: [] for name in detectors}
         for batch in self._val_batches():
             batch = _to_device(batch, self.accelerator.device)
-            with torch.inference_mode(), self.accelerator.autocast():
-                outputs = detector(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
             sizes = torch.stack([label["orig_size"] for label in batch["labels"]])
-            results = self.processor.post_process_object_detection(
-                outputs, threshold=0.0, target_sizes=sizes, top_k=self.config.num_detections
-            )
-            for label, result in zip(batch["labels"], results):
-                if stage == ONE_TO_MANY and self.args.eval_nms_in_one_to_many:
-                    keep = batched_nms(result["boxes"].float(), result["scores"].float(), result["labels"], 0.6)
-                    result = {k: v[keep] for k, v in result.items()}
-                predictions.append({"image_id": int(label["image_id"]),
-                                    **{k: v.float().cpu() for k, v in result.items()}})
-        detector.train(was_training)
+            for name, detector in detectors.items():
+                detector.eval()
+                with torch.inference_mode(), self.accelerator.autocast():
+                    outputs = detector(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+                results = self.processor.post_process_object_detection(
+                    outputs, threshold=0.0, target_sizes=sizes, top_k=self.config.num_detections
+                )
+                predictions[name].extend(self._prediction_records(batch["labels"], results, stage))
+        for name, detector in detectors.items():
+            detector.train(modes[name])
         return predictions
 
-    def evaluate(self, detector, stage: str) -> dict:
-        gathered = gather_object(self.predict(detector, stage))
-        unique = {p["image_id"]: p for p in gathered}
-        metrics = [evaluate_detections(self.coco_gt, list(unique.values()))] if self.accelerator.is_main_process \
-            else [None]
-        broadcast_object_list(metrics)
-        return metrics[0]
+    def _prediction_records(self, labels: list[dict], results: list[dict], stage: str) -> list[dict]:
+        """Post-processed results of one batch -> host records ``{image_id, scores, labels, boxes}`` (class-wise
+        NMS in the one-to-many stage when ``eval_nms_in_one_to_many``)."""
+        records = []
+        for label, result in zip(labels, results):
+            if stage == ONE_TO_MANY and self.args.eval_nms_in_one_to_many:
+                keep = batched_nms(result["boxes"].float(), result["scores"].float(), result["labels"], 0.6)
+                result = {k: v[keep] for k, v in result.items()}
+            records.append({"image_id": int(label["image_id"]), **{k: v.float().cpu() for k, v in result.items()}})
+        return records
+
+    def evaluate(self, detectors: dict, stage: str) -> dict[str, dict]:
+        """COCO metrics of each detector (name -> model) on the whole validation set, gathered over processes."""
+        metrics = {}
+        for name, predictions in self.predict(detectors, stage).items():
+            unique = {p["image_id"]: p for p in gather_object(predictions)}
+            result = [evaluate_detections(self.coco_gt, list(unique.values()))] if self.accelerator.is_main_process \
+                else [None]
+            broadcast_object_list(result)
+            metrics[name] = result[0]
+        return metrics
 
     def evaluate_and_export(self) -> dict:
         """Evaluate student and teacher; export the better one if it beats the best so far."""
         stage = self.stage(self.state.step)
         student = self.accelerator.unwrap_model(self.student).detector
         record = {"step": self.state.step, "stage": stage,
-                  "student": self.evaluate(student, stage), "teacher": self.evaluate(self.teacher.model, stage)}
+                  **self.evaluate({"student": student, "teacher": self.teacher.model}, stage)}
         self.state.history.append(record)
         self.accelerator.log({f"{who}/{k}": v for who in ("student", "teacher") for k, v in record[who].items()},
                              step=self.state.step)
