@@ -92,14 +92,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--labeled_percent", type=float, default=10.0)
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (they share the device)")
+    parser.add_argument("--single_seed_variants", default="", help="variants run with the first seed only")
     args = parser.parse_args(own)
-    jobs = [(name, int(seed)) for seed in args.seeds.split(",") for name in args.variants.split(",")]
+    jobs = select_jobs(args.variants, args.seeds, args.single_seed_variants)
     unknown = {name for name, _ in jobs} - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
     with ThreadPoolExecutor(args.parallel) as pool:
         records = list(pool.map(lambda job: run_one(job[0], job[1], args, extra), jobs))
     return write_report({"records": records, "extra_args": extra}, os.path.join(args.output_dir, "ablation.json"))
+
+
+def select_jobs(variants: str, seeds: str, single_seed_variants: str = "") -> list[tuple[str, int]]:
+    """``(variant, seed)`` runs: every variant with every seed, except ``single_seed_variants`` (first seed only);
+    all seeds of the other variants come first."""
+    seed_list = [int(seed) for seed in seeds.split(",")]
+    single = set(filter(None, single_seed_variants.split(",")))
+    jobs = [(name, seed) for seed in seed_list for name in variants.split(",")
+            if name not in single or seed == seed_list[0]]
+    return sorted(jobs, key=lambda job: job[0] in single)
 
 
 def write_report(report: dict, path: str) -> dict:

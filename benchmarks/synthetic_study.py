@@ -61,11 +61,7 @@ def main(argv=None) -> dict:
         init = os.path.join(args.output_dir, "burnin", "supervised_seed0", "best_model")
         phase2 = [*common, "--model_name_or_path", init, "--max_steps", str(args.steps),
                   "--one_to_many_steps", str(args.steps // 2)]
-        seeds = [int(seed) for seed in args.seeds.split(",")]
-        single = set(filter(None, args.single_seed_variants.split(",")))
-        jobs = [(name, seed) for seed in seeds for name in args.variants.split(",")
-                if name not in single or seed == seeds[0]]
-        jobs.sort(key=lambda job: job[0] in single)  # every seed of the main variants first
+        jobs = ablation.select_jobs(args.variants, args.seeds, args.single_seed_variants)
         futures = [pool.submit(ablation.run_one, name, seed, ns, phase2) for name, seed in jobs]
         records = [f.result() for f in futures] + ([full.result()] if full else [])
     report = {"burnin": burnin, "records": records, "extra_args": extra, "burnin_steps": args.burnin_steps,

@@ -114,3 +114,41 @@ def test_semi_hook_skips_without_trainer_and_times_a_provided_step(bench, monkey
     assert "error" not in semi and calls == list(range(8)) and len(semi["times_ms"]) == 3
     assert semi["batch"] == 5 and semi["median_ms"] > 0
     assert semi["images_per_s"] == pytest.approx(5e3 / semi["median_ms"])
+
+
+def _load(name: str):
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_jobs_put_every_seed_of_the_main_variants_first():
+    ablation = _load("ablation")
+    jobs = ablation.select_jobs("supervised,qrm_only,sparse_semi_detr", "3,4", "qrm_only")
+    assert jobs == [("supervised", 3), ("sparse_semi_detr", 3), ("supervised", 4), ("sparse_semi_detr", 4),
+                    ("qrm_only", 3)]
+    assert ablation.split_passthrough(["--seeds", "0", "--", "--max_steps", "5"]) == (["--seeds", "0"],
+                                                                                      ["--max_steps", "5"])
+
+
+def test_pseudo_label_rate_reads_only_the_teacher_on_unlabeled_images(tmp_path):
+    """The tau calibration on a tiny random model: counts fall as tau rises; labeled boxes come from the split."""
+    import torch
+    from sparse_semi_detr_hf import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection
+
+    torch.manual_seed(0)
+    config = SparseSemiDetrConfig(backbone="test_resnet", d_model=32, encoder_layers=1, decoder_layers=1,
+                                  encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, num_queries=20, num_denoising_queries=0,
+                                  num_labels=10, neck_group_norm_groups=8, qrm_reduced_dim=16, qrm_attention_heads=2)
+    SparseSemiDetrForObjectDetection(config).save_pretrained(tmp_path / "model")
+    rate = _load("pseudo_label_rate")
+    report = rate.main(["--model", str(tmp_path / "model"), "--images", "6", "--thresholds", "0.0,0.1,0.99",
+                        "--", "--synthetic_num_train", "20", "--synthetic_num_val", "2", "--image_scales", "64",
+                        "--max_image_size", "80", "--eval_image_size", "64"])
+    per_image = report["pseudo_labels_per_image"]
+    assert per_image[0.0] == 20 * 10 and per_image[0.0] >= per_image[0.1] >= per_image[0.99] == 0
+    assert report["images"] == 6 and report["labeled_boxes_per_image"] > 0
+    assert report["largest_tau_reaching"] in (0.0, 0.1)
