@@ -87,6 +87,23 @@ def test_stage_switch_reaches_the_criterion(tmp_path, synthetic_cache, monkeypat
     assert results["final"]["stage"] == ONE_TO_ONE
 
 
+def test_evaluation_right_after_t1_uses_the_one_to_many_post_processing(tmp_path, synthetic_cache, monkeypatch):
+    """Bug fixed: the evaluation after step T1 (all T1 steps trained one-to-many) ran without the one-to-many
+    stage's NMS, so a duplicate-producing model looked far worse exactly at the switch."""
+    stages = []
+    monkeypatch.setattr(SemiSupervisedTrainer, "predict",
+                        lambda self, detectors, stage: stages.append(stage) or {name: [] for name in detectors})
+    monkeypatch.setattr("sparse_semi_detr_hf.training.trainer.evaluate_detections", lambda gt, records: {"AP": 0.0})
+    args = tiny_args(tmp_path, synthetic_cache, "--max_steps", "3", "--one_to_many_steps", "2", "--eval_steps", "1",
+                     "--checkpointing_steps", "100", "--supervised_only", "--query_mode", "none",
+                     "--use_rpf", "false")
+    trainer = SemiSupervisedTrainer(args)
+    monkeypatch.setattr(trainer, "export", lambda *a, **k: None)
+    results = trainer.train()
+    assert [r["stage"] for r in results["history"]] == [ONE_TO_MANY, ONE_TO_MANY, ONE_TO_ONE]
+    assert stages[:3] == [ONE_TO_MANY, ONE_TO_MANY, ONE_TO_ONE]
+
+
 # ---------------------------------------------------------------------------------------------- DDP safety
 @pytest.mark.parametrize("query_mode", ["refined", "cross_view"])
 @pytest.mark.parametrize("threshold", ["1.0", "0.0"])

@@ -251,6 +251,11 @@ class SemiSupervisedTrainer:
         """One-to-many assignment before ``one_to_many_steps`` (T1), one-to-one after (labeled and unlabeled)."""
         return ONE_TO_MANY if step < self.args.one_to_many_steps else ONE_TO_ONE
 
+    def evaluation_stage(self) -> str:
+        """The stage the current weights were last trained in (that of step ``state.step - 1``): an evaluation
+        right after step T1 still sees a one-to-many model, whose duplicates need the one-to-many stage's NMS."""
+        return self.stage(max(self.state.step - 1, 0))
+
     def compute_loss(self, labeled: dict, unlabeled: dict | None, stage: str) -> tuple[torch.Tensor, dict]:
         """Total loss of one micro-batch and its log values (see ``step.semi_supervised_loss``)."""
         return semi_supervised_loss(self.student, self.teacher.model, labeled, unlabeled, stage,
@@ -394,7 +399,7 @@ class SemiSupervisedTrainer:
 
     def evaluate_and_export(self) -> dict:
         """Evaluate student and teacher; export the better one if it beats the best so far."""
-        stage = self.stage(self.state.step)
+        stage = self.evaluation_stage()
         student = self.accelerator.unwrap_model(self.student).detector
         record = {"step": self.state.step, "stage": stage,
                   **self.evaluate({"student": student, "teacher": self.teacher.model}, stage)}
