@@ -25,6 +25,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 from torch import Tensor
+from torchvision.ops import batched_nms
 from torchvision.transforms.v2 import functional as tvF
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
@@ -51,6 +52,7 @@ class SparseSemiDetrImageProcessorKwargs(ImagesKwargs, total=False):
     """Keyword arguments of the processor beyond ``ImagesKwargs`` (lets ``from_pretrained`` override them)."""
 
     do_exif_transpose: bool | None
+    nms_threshold: float | None
 
 
 def get_resize_output_size(height: int, width: int, shortest_edge: int, longest_edge: int | None) -> tuple[int, int]:
@@ -234,6 +236,14 @@ def pad_images(images: list[Tensor]) -> tuple[Tensor, Tensor]:
     return pixel_values, pixel_mask
 
 
+def _validate_nms_threshold(value: Any) -> float | None:
+    if value is None:
+        return None
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"nms_threshold must be an IoU in (0, 1] or None, got {value}")
+    return float(value)
+
+
 def _image_name(index: int, annotation: Any) -> str:
     """How error messages name an annotated image: its batch index and ``image_id``."""
     image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
@@ -272,6 +282,7 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
         do_normalize: bool = True,
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
+        nms_threshold: float | None = None,
         **kwargs,
     ) -> None:
         kwargs.pop("image_processor_type", None)
@@ -288,6 +299,7 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
         self.image_std = [float(v) for v in (IMAGENET_DEFAULT_STD if image_std is None else image_std)]
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
             raise ValueError(f"image_mean/image_std need 3 values (std > 0), got {self.image_mean}, {self.image_std}")
+        self.nms_threshold = _validate_nms_threshold(nms_threshold)
 
     @staticmethod
     def _validate_resample(resample: Any) -> int:
@@ -411,8 +423,9 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
         threshold: float = 0.5,
         target_sizes: Tensor | Sequence[Sequence[int]] | None = None,
         top_k: int = 300,
+        nms_threshold: float | None = None,
     ) -> list[dict[str, Tensor]]:
-        """Raw model outputs -> detections, DINO style (no NMS).
+        """Raw model outputs -> detections, DINO style (no NMS unless asked for).
 
         Reads only ``outputs.logits (B, Q, C)`` and ``outputs.pred_boxes (B, Q, 4)`` (cxcywh in [0, 1]). Sigmoid
         scores over all ``Q * C`` (query, class) pairs, top ``min(top_k, Q * C)`` pairs per image (so a query may
@@ -421,6 +434,9 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
         Args:
             target_sizes: ``(B, 2)`` tensor or list of ``(h, w)``; boxes are scaled to these sizes (else left in
                 normalized coordinates).
+            nms_threshold: class-wise NMS IoU applied to the kept pairs; ``None`` takes the processor's
+                ``nms_threshold`` (set on models exported from the one-to-many stage, whose queries duplicate
+                each other; ``None`` there, the one-to-one default: no NMS); ``1.0`` switches NMS off.
 
         Returns:
             One dict per image: ``scores (k,)``, ``labels (k,)`` long, ``boxes (k, 4)`` xyxy.
@@ -441,9 +457,12 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
                 sizes = torch.tensor([[float(v) for v in hw] for hw in target_sizes], device=boxes.device)
                 sizes = sizes.to(boxes.dtype)
             boxes = boxes * sizes[:, [1, 0, 1, 0]].unsqueeze(1)
+        iou = self.nms_threshold if nms_threshold is None else _validate_nms_threshold(nms_threshold)
         results = []
         for s, l, b in zip(scores, labels, boxes):
-            keep = s > threshold
+            keep = torch.nonzero(s > threshold).squeeze(1)
+            if iou is not None and iou < 1.0 and keep.numel() > 0:
+                keep = keep[batched_nms(b[keep].float(), s[keep].float(), l[keep], iou)]
             results.append({"scores": s[keep], "labels": l[keep], "boxes": b[keep]})
         return results
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
+from torchvision.ops import batched_nms
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -319,6 +320,30 @@ def test_post_process_threshold_and_top_k_clamp():
     for full, part in zip(everything, kept):
         assert bool((part["scores"] > 0.6).all())
         assert len(part["scores"]) == int((full["scores"] > 0.6).sum())
+
+
+def test_post_process_class_wise_nms_matches_torchvision(tmp_path):
+    """``nms_threshold`` (argument or saved processor setting): class-wise NMS over the kept pairs, as
+    torchvision's batched_nms does it; 1.0 switches a saved setting off."""
+    logits = torch.full((1, 4, 2), -10.0)
+    logits[0, :, 0] = torch.tensor([4.0, 3.0, 2.0, -10.0])
+    logits[0, 3, 1] = 1.0  # same box as query 0, other class: kept
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.51, 0.5, 0.4, 0.4], [0.2, 0.2, 0.1, 0.1], [0.5, 0.5, 0.4, 0.4]]])
+    outputs = DetectionOutput(logits=logits, pred_boxes=boxes)
+    plain = SparseSemiDetrImageProcessor().post_process_object_detection(outputs, threshold=0.5)[0]
+    assert len(plain["scores"]) == 4
+    expected = batched_nms(plain["boxes"], plain["scores"], plain["labels"], 0.6)
+    by_argument = SparseSemiDetrImageProcessor().post_process_object_detection(outputs, 0.5, nms_threshold=0.6)[0]
+    SparseSemiDetrImageProcessor(nms_threshold=0.6).save_pretrained(tmp_path)
+    saved = AutoImageProcessor.from_pretrained(tmp_path)
+    assert saved.nms_threshold == 0.6
+    by_setting = saved.post_process_object_detection(outputs, 0.5)[0]
+    for result in (by_argument, by_setting):
+        assert_close(result["scores"], plain["scores"][expected])
+        assert result["labels"].tolist() == [0, 0, 1]  # the near-duplicate of query 0 is gone
+    assert len(saved.post_process_object_detection(outputs, 0.5, nms_threshold=1.0)[0]["scores"]) == 4
+    with pytest.raises(ValueError, match="nms_threshold"):
+        SparseSemiDetrImageProcessor(nms_threshold=1.5)
 
 
 def test_post_process_target_sizes_tensor_and_list():

@@ -104,6 +104,19 @@ def test_evaluation_right_after_t1_uses_the_one_to_many_post_processing(tmp_path
     assert stages[:3] == [ONE_TO_MANY, ONE_TO_MANY, ONE_TO_ONE]
 
 
+def test_models_exported_from_the_one_to_many_stage_carry_their_nms(tmp_path, synthetic_cache):
+    """A model saved after one-to-many steps duplicates its detections: its saved image processor applies the
+    evaluation's class-wise NMS (pipeline users get what was evaluated); a one-to-one model's does not."""
+    trainer = SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache, "--one_to_many_steps", "2"))
+    metrics = dict.fromkeys(["AP", "AP50", "AP75", "APs", "APm", "APl"], 0.0)
+    for step, expected in ((2, 0.6), (3, None)):
+        trainer.state.step = step
+        trainer.export(trainer.teacher.model, f"model_{step}", metrics)
+        saved = json.loads((tmp_path / f"model_{step}" / "preprocessor_config.json").read_text())
+        assert saved.get("nms_threshold") == expected
+    assert trainer.processor.nms_threshold is None
+
+
 # ---------------------------------------------------------------------------------------------- DDP safety
 @pytest.mark.parametrize("query_mode", ["refined", "cross_view"])
 @pytest.mark.parametrize("threshold", ["1.0", "0.0"])

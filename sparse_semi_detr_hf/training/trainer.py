@@ -5,6 +5,7 @@ loops: teacher pass on the weak view, student pass on labeled + strong views, EM
 and teacher with COCO mAP, saves and resumes the training state, exports the best model and pushes it.
 """
 
+import copy
 import functools
 import hashlib
 import json
@@ -19,7 +20,6 @@ import torch
 from accelerate import Accelerator
 from datasets import load_from_disk
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
-from torchvision.ops import batched_nms
 from tqdm.auto import tqdm
 
 from .. import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection, SparseSemiDetrImageProcessor
@@ -44,6 +44,8 @@ from .step import ONE_TO_MANY, ONE_TO_ONE, SemiSupervisedStudent, semi_supervise
 from .synthetic import SyntheticConfig, make_synthetic_detection_dataset
 from .teacher import EMATeacher
 from .transforms import EvalTransform, LabeledTransform, UnlabeledPairTransform, ViewConfig
+
+EVAL_NMS_IOU = 0.6  # class-wise NMS of one-to-many predictions (Semi-DETR's test-time NMS)
 
 logger = logging.getLogger(__name__)
 
@@ -368,23 +370,24 @@ class SemiSupervisedTrainer:
                 with torch.inference_mode(), self.accelerator.autocast():
                     outputs = detector(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
                 results = self.processor.post_process_object_detection(
-                    outputs, threshold=0.0, target_sizes=sizes, top_k=self.config.num_detections
+                    outputs, threshold=0.0, target_sizes=sizes, top_k=self.config.num_detections,
+                    nms_threshold=self.nms_threshold(stage) or 1.0,
                 )
-                predictions[name].extend(self._prediction_records(batch["labels"], results, stage))
+                predictions[name].extend(self._prediction_records(batch["labels"], results))
         for name, detector in detectors.items():
             detector.train(modes[name])
         return predictions
 
-    def _prediction_records(self, labels: list[dict], results: list[dict], stage: str) -> list[dict]:
-        """Post-processed results of one batch -> host records ``{image_id, scores, labels, boxes}`` (class-wise
-        NMS in the one-to-many stage when ``eval_nms_in_one_to_many``)."""
-        records = []
-        for label, result in zip(labels, results):
-            if stage == ONE_TO_MANY and self.args.eval_nms_in_one_to_many:
-                keep = batched_nms(result["boxes"].float(), result["scores"].float(), result["labels"], 0.6)
-                result = {k: v[keep] for k, v in result.items()}
-            records.append({"image_id": int(label["image_id"]), **{k: v.float().cpu() for k, v in result.items()}})
-        return records
+    def nms_threshold(self, stage: str) -> float | None:
+        """Class-wise NMS IoU of predictions in ``stage`` (0.6 in the one-to-many stage when
+        ``eval_nms_in_one_to_many``, as Semi-DETR evaluates; ``None``: no NMS)."""
+        return EVAL_NMS_IOU if stage == ONE_TO_MANY and self.args.eval_nms_in_one_to_many else None
+
+    @staticmethod
+    def _prediction_records(labels: list[dict], results: list[dict]) -> list[dict]:
+        """Post-processed results of one batch -> host records ``{image_id, scores, labels, boxes}``."""
+        return [{"image_id": int(label["image_id"]), **{k: v.float().cpu() for k, v in result.items()}}
+                for label, result in zip(labels, results)]
 
     def evaluate(self, detectors: dict, stage: str) -> dict[str, dict]:
         """COCO metrics of each detector (name -> model) on the whole validation set, gathered over processes."""
@@ -421,7 +424,9 @@ class SemiSupervisedTrainer:
             return
         folder = os.path.join(self.args.output_dir, name)
         detector.save_pretrained(folder)
-        self.processor.save_pretrained(folder)
+        processor = copy.copy(self.processor)  # weights of the one-to-many stage duplicate: their users need NMS
+        processor.nms_threshold = self.nms_threshold(self.evaluation_stage())
+        processor.save_pretrained(folder)
         card = build_model_card(
             self.args.hub_model_id or name, metrics, self.data.name, self.args.labeled_percent,
             {k: v for k, v in _scalar_config(self.args).items() if v is not None},
