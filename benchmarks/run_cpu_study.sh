@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The reduced-scale study of docs/results.md ("CPU study"), as it was run on the 2-core CPU (no GPU lent).
-# Usage: bash benchmarks/run_cpu_study.sh STAGE...   stages: start burnin tau phase2   (run them in this order)
+# Usage: bash benchmarks/run_cpu_study.sh STAGE...   stages: start burnin reeval tau phase2   (in this order)
 #   start:  supervised from scratch, 1000 steps, 10 % and 100 % labels (two processes, one thread each)
 #   burnin: 10 %: 2000 more steps from the start model; 100 %: 2000 + S more (the calibration arm, equal steps)
-#   tau:    label-free tau calibration of the burn-in teacher (benchmarks/pseudo_label_rate.py)
+#   reeval: the burn-in's final weights evaluated again with the one-to-many NMS (its last evaluation ran at step T1
+#           and, before the fix of the trainer's evaluation stage, without NMS): resumes a copy at its last step
+#   tau:    label-free tau calibration of the burn-in teacher (BASE: its best_model folder; default $OUT/burnin/best_model) (benchmarks/pseudo_label_rate.py)
+#   small:  the calibration again with 300 training images (30 labeled at 10 %): supervised from scratch, 3000 steps,
+#           all one-to-many (evaluated with its NMS), 10 % and 100 % labels
 #   phase2: S steps of each ablation variant from the burn-in model, TAU=<chosen tau> (seeds 0,1,2 for supervised
-#           and Sparse Semi-DETR, seed 0 for the single-module variants)
+#           and Sparse Semi-DETR, seed 0 for the single-module variants); T1 (default S: every step one-to-many)
 set -euo pipefail
 OUT=${OUT:-outputs/cpu_study2}
 S=${S:-1000}
+T1=${T1:-$S}
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # Data: 1000 train / 150 val images of an easier synthetic set (5 shape classes, distractors are only the extra
 # shapes); model: ResNet-10-T from scratch, d_model 64, 2 + 2 layers; views 96-128 px.
@@ -39,13 +44,24 @@ for stage in "$@"; do
           "${ARGS[@]}" --model_name_or_path "$OUT/start100/best_model" --max_steps $((2000 + S)) \
           --one_to_many_steps $((2000 + S / 2)) > "$OUT/sup100.log" 2>&1 &
       wait ;;
+    reeval)
+      rm -rf "$OUT/burnin_reeval" && cp -r "$OUT/burnin" "$OUT/burnin_reeval"
+      python examples/train_ssod.py --output_dir "$OUT/burnin_reeval" --labeled_percent 10 "${SUP[@]}" "${ARGS[@]}" \
+          --model_name_or_path "$OUT/start10/best_model" --max_steps 2000 --one_to_many_steps 2000 \
+          --resume_from_checkpoint latest > "$OUT/reeval.log" 2>&1 ;;
+    small)
+      for p in 10 100; do
+        python examples/train_ssod.py --output_dir "$OUT/small_sup$p" --labeled_percent $p "${SUP[@]}" "${ARGS[@]}" \
+            --synthetic_num_train 300 --max_steps 3000 --one_to_many_steps 3000 > "$OUT/small_sup$p.log" 2>&1 &
+      done
+      wait ;;
     tau)
-      python benchmarks/pseudo_label_rate.py --model "$OUT/burnin/best_model" -- "${ARGS[@]}" | tee "$OUT/tau.json" ;;
+      python benchmarks/pseudo_label_rate.py --model "${BASE:-$OUT/burnin/best_model}" -- "${ARGS[@]}" | tee "$OUT/tau.json" ;;
     phase2)
       python benchmarks/ablation.py --output_dir "$OUT/phase2" --seeds 0,1,2 --parallel 2 \
           --variants supervised,sparse_semi_detr,semi_detr,qrm_only,rpf_only \
           --single_seed_variants semi_detr,qrm_only,rpf_only -- "${ARGS[@]}" \
-          --model_name_or_path "$OUT/burnin/best_model" --max_steps "$S" --one_to_many_steps $((S / 2)) \
+          --model_name_or_path "${BASE:-$OUT/burnin/best_model}" --max_steps "$S" --one_to_many_steps "$T1" \
           --pseudo_label_threshold "${TAU:?set TAU from the tau stage}" ;;
   esac
 done

@@ -152,3 +152,26 @@ def test_pseudo_label_rate_reads_only_the_teacher_on_unlabeled_images(tmp_path):
     assert per_image[0.0] == 20 * 10 and per_image[0.0] >= per_image[0.1] >= per_image[0.99] == 0
     assert report["images"] == 6 and report["labeled_boxes_per_image"] > 0
     assert report["largest_tau_reaching"] in (0.0, 0.1)
+
+
+def test_history_table_lines_up_chained_runs_and_marks_unfair_evaluations(tmp_path):
+    """Offsets shift chained runs onto total steps; a step-T1 evaluation in the one-to-one stage is marked."""
+    table = _load("history_table")
+
+    def write(name, t1, history):
+        path = tmp_path / f"{name}.json"
+        metrics = lambda ap: {"AP": ap}  # noqa: E731
+        path.write_text(json.dumps({"args": {"one_to_many_steps": t1}, "history": [
+            {"step": s, "stage": stage, "teacher": metrics(t), "student": metrics(u)} for s, stage, t, u in history]}))
+        return str(path)
+
+    start = write("start", 10, [(5, "one_to_many", 0.01, 0.02), (10, "one_to_one", 0.03, 0.04)])
+    more = write("more", 20, [(10, "one_to_many", 0.05, 0.06), (20, "one_to_many", 0.07, 0.08)])
+    other = write("other", 5, [(10, "one_to_one", 0.09, 0.1)])
+    assert table.parse_run("a=x/r.json+10") == ("a", "x/r.json", 10)
+    assert table.parse_run("a=x+y/r.json") == ("a", "x+y/r.json", 0)
+    rows = table.main([f"10 %={start}", f"10 %={more}+10", f"100 %={other}"]).splitlines()[2:]
+    assert rows == ["| 5 | 1.0 / 2.0 | – |", "| 10 | 3.0 / 4.0* | 9.0 / 10.0 |", "| 20 | 5.0 / 6.0 | – |",
+                    "| 30 | 7.0 / 8.0 | – |"]
+    with pytest.raises(ValueError, match="label=path"):
+        table.parse_run("no_label")
