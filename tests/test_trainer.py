@@ -117,6 +117,23 @@ def test_models_exported_from_the_one_to_many_stage_carry_their_nms(tmp_path, sy
     assert trainer.processor.nms_threshold is None
 
 
+def test_history_records_the_pseudo_label_rate_and_warns_when_it_vanishes(tmp_path, synthetic_cache, caplog):
+    """Each evaluation records the mean pseudo-labels per unlabeled image since the previous one; a teacher that
+    gives (almost) none triggers a warning naming the threshold."""
+    rates = {}
+    for tau in ("0.0", "1.0"):
+        args = tiny_args(tmp_path / tau, synthetic_cache, "--max_steps", "2", "--eval_steps", "1",
+                         "--checkpointing_steps", "100", "--pseudo_label_threshold", tau)
+        with caplog.at_level(logging.WARNING, logger="sparse_semi_detr_hf.training.trainer"):
+            caplog.clear()
+            results = SemiSupervisedTrainer(args).train()
+        rates[tau] = [record["pseudo_labels_per_image"] for record in results["history"]]
+        warned = any("pseudo-labels per unlabeled image" in r.getMessage() for r in caplog.records)
+        assert warned == (tau == "1.0")
+    assert len(rates["0.0"]) == 2 and min(rates["0.0"]) > 1  # tau 0: the top detections of each image
+    assert rates["1.0"] == [0.0, 0.0]
+
+
 # ---------------------------------------------------------------------------------------------- DDP safety
 @pytest.mark.parametrize("query_mode", ["refined", "cross_view"])
 @pytest.mark.parametrize("threshold", ["1.0", "0.0"])

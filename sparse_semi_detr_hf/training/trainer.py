@@ -46,6 +46,7 @@ from .teacher import EMATeacher
 from .transforms import EvalTransform, LabeledTransform, UnlabeledPairTransform, ViewConfig
 
 EVAL_NMS_IOU = 0.6  # class-wise NMS of one-to-many predictions (Semi-DETR's test-time NMS)
+FEW_PSEUDO_LABELS = 0.1  # pseudo-labels per unlabeled image below which the trainer warns
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +68,21 @@ class TrainState:
 
     def __init__(self):
         self.step, self.history, self.best = 0, [], None
+        self.pseudo_labels, self.pseudo_batches = 0.0, 0  # per-image pseudo-label counts since the last evaluation
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "history": self.history, "best": self.best}
+        return {"step": self.step, "history": self.history, "best": self.best,
+                "pseudo_labels": self.pseudo_labels, "pseudo_batches": self.pseudo_batches}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.history, self.best = state["step"], state["history"], state["best"]
+        self.pseudo_labels, self.pseudo_batches = state.get("pseudo_labels", 0.0), state.get("pseudo_batches", 0)
+
+    def take_pseudo_label_rate(self) -> float | None:
+        """Mean pseudo-labels per unlabeled image over the batches since the last call (None: no batch)."""
+        rate = self.pseudo_labels / self.pseudo_batches if self.pseudo_batches else None
+        self.pseudo_labels, self.pseudo_batches = 0.0, 0
+        return rate
 
 
 def load_data(args: TrainingArguments) -> DataBundle:
@@ -272,6 +282,9 @@ class SemiSupervisedTrainer:
             with acc.accumulate(self.student):
                 loss, logs = self.compute_loss(_to_device(labeled, acc.device), _to_device(unlabeled, acc.device),
                                                stage)
+                if "pseudo_per_image" in logs:  # a host float (no sync)
+                    self.state.pseudo_labels += logs["pseudo_per_image"]
+                    self.state.pseudo_batches += 1
                 acc.backward(loss)
                 if acc.sync_gradients and args.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.student.parameters(), args.max_grad_norm)
@@ -406,6 +419,10 @@ class SemiSupervisedTrainer:
         student = self.accelerator.unwrap_model(self.student).detector
         record = {"step": self.state.step, "stage": stage,
                   **self.evaluate({"student": student, "teacher": self.teacher.model}, stage)}
+        rate = self.state.take_pseudo_label_rate()
+        if rate is not None:
+            record["pseudo_labels_per_image"] = rate
+            self._warn_if_few_pseudo_labels(rate)
         self.state.history.append(record)
         self.accelerator.log({f"{who}/{k}": v for who in ("student", "teacher") for k, v in record[who].items()},
                              step=self.state.step)
@@ -416,6 +433,14 @@ class SemiSupervisedTrainer:
         logger.info("step %d: student AP %.4f, teacher AP %.4f", self.state.step, record["student"]["AP"],
                     record["teacher"]["AP"])
         return record
+
+    def _warn_if_few_pseudo_labels(self, rate: float) -> None:
+        if rate < FEW_PSEUDO_LABELS:
+            logger.warning(
+                "the teacher gave %.3f pseudo-labels per unlabeled image (score >= tau = %g) since the last "
+                "evaluation: the unlabeled loss is almost only background and pushes the scores down. Lower "
+                "--pseudo_label_threshold (benchmarks/pseudo_label_rate.py calibrates it without labels) or train "
+                "the labeled burn-in longer (docs/training.md).", rate, self.config.pseudo_label_threshold)
 
     def export(self, detector, name: str, metrics: dict) -> None:
         """``save_pretrained`` of the model and its image processor, a model card, and the Hub upload."""
