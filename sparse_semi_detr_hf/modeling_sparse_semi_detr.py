@@ -166,6 +166,10 @@ class SparseSemiDetrPreTrainedModel(PreTrainedModel):
             if module.weight is not None:
                 init.ones_(module.weight)
                 init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:  # else uninitialized memory when the module is
+                init.zeros_(module.running_mean)  # missing from a checkpoint (e.g. a supervised model loaded
+                init.ones_(module.running_var)  # with query_mode cross_view)
+                init.zeros_(module.num_batches_tracked)
         elif isinstance(module, SparseSemiDetrModel):
             for sub in module.modules():
                 if isinstance(sub, MultiScaleDeformableAttention):
