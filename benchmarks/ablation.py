@@ -37,12 +37,18 @@ def run_one(name: str, seed: int, args, extra: list[str]) -> dict:
     command = [sys.executable, os.path.join(ROOT, "examples", "train_ssod.py"), "--output_dir", out_dir,
                "--seed", str(seed), "--labeled_percent", str(args.labeled_percent), *VARIANTS[name], *extra]
     # argparse keeps the last value of a repeated flag: a variant's own --labeled_percent wins.
-    started = time.time()
-    with open(os.path.join(out_dir, "log.txt"), "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    record = {"name": name, "seed": seed, "returncode": code, "wall_seconds": time.time() - started,
-              "command": " ".join(command)}
     results_path = os.path.join(out_dir, "results.json")
+    if getattr(args, "reuse_finished", False) and os.path.exists(results_path):
+        code, wall = 0, None  # finished before (e.g. by an interrupted invocation): read, do not train again
+    else:
+        if os.path.exists(results_path):
+            os.remove(results_path)  # never report a previous run's results for a run that failed now
+        started = time.time()
+        with open(os.path.join(out_dir, "log.txt"), "w") as log:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        wall = time.time() - started
+    record = {"name": name, "seed": seed, "returncode": code, "wall_seconds": wall, "command": " ".join(command),
+              "reused": wall is None}
     if code == 0 and os.path.exists(results_path):
         with open(results_path) as f:
             results = json.load(f)
@@ -93,6 +99,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--labeled_percent", type=float, default=10.0)
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (they share the device)")
     parser.add_argument("--single_seed_variants", default="", help="variants run with the first seed only")
+    parser.add_argument("--reuse_finished", action="store_true",
+                        help="a run whose folder already has results.json is read, not trained again (finishes an "
+                             "interrupted ablation; delete a run's folder to train it again)")
     args = parser.parse_args(own)
     jobs = select_jobs(args.variants, args.seeds, args.single_seed_variants)
     unknown = {name for name, _ in jobs} - set(VARIANTS)

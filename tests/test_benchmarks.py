@@ -175,3 +175,23 @@ def test_history_table_lines_up_chained_runs_and_marks_unfair_evaluations(tmp_pa
                     "| 30 | 7.0 / 8.0 | – |"]
     with pytest.raises(ValueError, match="label=path"):
         table.parse_run("no_label")
+
+
+def test_ablation_reuses_finished_runs_and_never_reports_stale_results(tmp_path, monkeypatch):
+    ablation = _load("ablation")
+    run_dir = tmp_path / "supervised_seed0"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(json.dumps({"final": {"teacher": {"AP": 0.5}}, "seconds_per_step": 0.1}))
+    args = types.SimpleNamespace(output_dir=str(tmp_path), labeled_percent=10.0, reuse_finished=True)
+
+    def must_not_train(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ablation.subprocess, "run", must_not_train)
+    record = ablation.run_one("supervised", 0, args, [])
+    assert record["reused"] and record["final"]["teacher"]["AP"] == 0.5 and record["seconds_per_step"] == 0.1
+
+    args.reuse_finished = False  # a new run that fails must not report the old results.json
+    monkeypatch.setattr(ablation.subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=1))
+    record = ablation.run_one("supervised", 0, args, [])
+    assert record["returncode"] == 1 and "final" not in record and not (run_dir / "results.json").exists()
