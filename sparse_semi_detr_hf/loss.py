@@ -139,7 +139,8 @@ class SetCriterion(nn.Module):
         self.o2m = {"topk": config.one_to_many_topk, "alpha": config.one_to_many_alpha,
                     "beta": config.one_to_many_beta}
         self.rpf = {"groups": config.rpf_groups, "topk": config.rpf_topk, "jitter": config.rpf_jitter,
-                    "alpha": config.one_to_many_alpha, "beta": config.one_to_many_beta}
+                    "alpha": config.one_to_many_alpha, "beta": config.one_to_many_beta,
+                    "joint": getattr(config, "rpf_joint_matching", False)}
         self.rpf_duplicate_iou = config.rpf_duplicate_iou
 
     @property

@@ -200,13 +200,15 @@ def jitter_boxes(boxes: Tensor, groups: int, jitter: float, generator: torch.Gen
 @torch.no_grad()
 def rpf_candidates(logits: Tensor, pred_boxes: Tensor, targets: list[dict], groups: int = 6, jitter: float = 0.1,
                    generator: torch.Generator | None = None,
-                   matcher: HungarianMatcher | None = None) -> list[Tensor]:
+                   matcher: HungarianMatcher | None = None, joint: bool = False) -> list[Tensor]:
     """RPF candidate sets: per image a bool ``(Q, n)``, True where prediction i was matched to a copy of box j.
 
     ``groups`` copies of the pseudo-boxes (``jitter_boxes``: copy 0 exact, the others jittered) are each
     Hungarian-matched *separately* against all ``Q`` predictions (``matcher``'s costs, the copy keeping its box's
     class); the candidates of box j are the union of the predictions matched to its copies (1 to ``groups``
-    distinct predictions). Two near-identical boxes can therefore share candidates.
+    distinct predictions). Two near-identical boxes can therefore share candidates. With ``joint``, all copies form
+    one target set matched in a single assignment (H-DETR's repeated targets): every copy gets a distinct prediction
+    (while ``Q`` lasts), so box j has up to ``groups`` candidates and no two boxes share one.
     """
     matcher = matcher if matcher is not None else HungarianMatcher()
     group_targets = [
@@ -219,7 +221,10 @@ def rpf_candidates(logits: Tensor, pred_boxes: Tensor, targets: list[dict], grou
     for block, target in zip(blocks, targets):
         num_boxes = len(target["boxes"])
         member = np.zeros((logits.shape[1], num_boxes), dtype=bool)
-        for group in range(groups if num_boxes else 0):
+        if joint and num_boxes:
+            rows, cols = linear_sum_assignment(block.numpy())
+            member[rows, cols % num_boxes] = True
+        for group in range(groups if num_boxes and not joint else 0):
             rows, cols = linear_sum_assignment(block[:, group * num_boxes:(group + 1) * num_boxes].numpy())
             member[rows, cols] = True
         candidates.append(torch.from_numpy(member).to(logits.device))
@@ -236,12 +241,13 @@ def _rpf_single(candidate: Tensor, t: Tensor, iou: Tensor, topk: int) -> tuple[A
 @torch.no_grad()
 def rpf_assign(logits: Tensor, pred_boxes: Tensor, targets: list[dict], groups: int = 6, topk: int = 4,
                jitter: float = 0.1, alpha: float = 1.0, beta: float = 6.0, generator: torch.Generator | None = None,
-               matcher: HungarianMatcher | None = None) -> list[tuple[Assignment, Tensor]]:
+               matcher: HungarianMatcher | None = None, joint: bool = False) -> list[tuple[Assignment, Tensor]]:
     """Reliable Pseudo-Label Filtering, one-to-many side (SPEC §4, our reading). Per image:
 
     1. Candidates (``rpf_candidates``): ``groups`` copies of the pseudo-boxes (copy 0 exact, copies 1.. jittered by
-       ``jitter`` of the box size), each copy set Hungarian-matched separately against all ``Q`` predictions; the
-       candidates of box j are the predictions matched to any of its copies.
+       ``jitter`` of the box size), each copy set Hungarian-matched separately against all ``Q`` predictions (or
+       all copies in one assignment with ``joint``); the candidates of box j are the predictions matched to any of
+       its copies.
     2. Alignment ``t = s^alpha * IoU^beta`` against the *un-jittered* box (``s``: sigmoid probability of the box's
        class). Candidates with ``t = 0`` (no overlap) are dropped; a prediction that remains a candidate of
        several boxes belongs to the one of largest IoU.
@@ -252,7 +258,7 @@ def rpf_assign(logits: Tensor, pred_boxes: Tensor, targets: list[dict], groups: 
 
     Returns per image ``(Assignment, duplicate_mask (Q,) bool)``; with no pseudo-box, no positive and no duplicate.
     """
-    candidates = rpf_candidates(logits, pred_boxes, targets, groups, jitter, generator, matcher)
+    candidates = rpf_candidates(logits, pred_boxes, targets, groups, jitter, generator, matcher, joint)
     results = []
     for image_logits, image_boxes, target, candidate in zip(logits, pred_boxes, targets, candidates):
         if candidate.shape[1] == 0:
@@ -288,7 +294,7 @@ def duplicates_from_candidates(candidate: Tensor, t: Tensor, target: dict, topk:
 def rpf_duplicate_pseudo_labels(logits: Tensor, pred_boxes: Tensor, targets: list[dict], groups: int = 6,
                                 topk: int = 4, jitter: float = 0.1, alpha: float = 1.0, beta: float = 6.0,
                                 duplicate_iou: float = 0.7, generator: torch.Generator | None = None,
-                                matcher: HungarianMatcher | None = None) -> list[Tensor]:
+                                matcher: HungarianMatcher | None = None, joint: bool = False) -> list[Tensor]:
     """Reliable Pseudo-Label Filtering, one-to-one side (SPEC §4, our reading): which pseudo-boxes are duplicates.
 
     With candidate sets ``C_j`` as in ``rpf_assign`` (before any conflict resolution) and ``P_j`` = the ``topk``
@@ -296,7 +302,8 @@ def rpf_duplicate_pseudo_labels(logits: Tensor, pred_boxes: Tensor, targets: lis
     duplicate when some pseudo-box i ranked ahead of it (higher ``scores``; equal scores: lower index) has the same
     class, ``IoU(i, j) >= duplicate_iou`` and ``P_j`` non-empty and contained in ``C_i``: everything that fits j
     is also claimed by i. The test is against every box ranked ahead, dropped or not (no NMS-style chaining).
-    Targets must carry ``scores (n,)``. Returns per image a bool ``(n,)`` mask, True = drop.
+    Targets must carry ``scores (n,)``. Returns per image a bool ``(n,)`` mask, True = drop. ``joint`` is accepted
+    and ignored: this rule needs the separately matched candidate sets (jointly matched boxes share none).
     """
     candidates = rpf_candidates(logits, pred_boxes, targets, groups, jitter, generator, matcher)
     masks = []

@@ -36,7 +36,7 @@ PRESETS = {
 MODEL_FIELDS = (
     "backbone", "freeze_backbone_batch_norm", "d_model", "encoder_layers", "decoder_layers", "num_queries",
     "num_denoising_queries", "num_detections", "query_mode", "use_rpf", "rpf_groups", "rpf_topk", "rpf_jitter",
-    "rpf_duplicate_iou", "pseudo_label_threshold", "qrm_attention_on", "qrm_use_similarity",
+    "rpf_duplicate_iou", "rpf_joint_matching", "pseudo_label_threshold", "qrm_attention_on", "qrm_use_similarity",
     "qrm_similarity_threshold", "qrm_reduced_dim", "consistency_loss_coefficient", "one_to_many_topk",
     "box_noise_scale", "label_noise_ratio", "class_loss_coefficient", "deformable_attention_backend",
 )
@@ -119,6 +119,8 @@ class TrainingArguments:
     rpf_topk: int | None = field(default=None, metadata={"help": "RPF k."})
     rpf_jitter: float | None = field(default=None, metadata={"help": "RPF jitter of augmented copies."})
     rpf_duplicate_iou: float | None = field(default=None, metadata={"help": "RPF duplicate IoU."})
+    rpf_joint_matching: bool | None = field(default=None, metadata={
+        "help": "RPF one-to-many side: match the m groups jointly (distinct predictions per copy)."})
     pseudo_label_threshold: float | None = field(default=None, metadata={"help": "Teacher score threshold tau."})
     qrm_attention_on: str | None = field(default=None, metadata={"help": "QRM attention: low|high|both|none."})
     qrm_use_similarity: bool | None = field(default=None, metadata={"help": "QRM similarity step."})
