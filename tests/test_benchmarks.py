@@ -195,3 +195,26 @@ def test_ablation_reuses_finished_runs_and_never_reports_stale_results(tmp_path,
     monkeypatch.setattr(ablation.subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=1))
     record = ablation.run_one("supervised", 0, args, [])
     assert record["returncode"] == 1 and "final" not in record and not (run_dir / "results.json").exists()
+
+
+def test_rpf_positives_reports_each_assignment_on_the_same_batches(tmp_path):
+    import torch
+    from sparse_semi_detr_hf import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection
+
+    torch.manual_seed(0)
+    config = SparseSemiDetrConfig(backbone="test_resnet", d_model=32, encoder_layers=1, decoder_layers=1,
+                                  encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, num_queries=20, num_denoising_queries=0,
+                                  num_labels=10, neck_group_norm_groups=8, query_mode="none")
+    SparseSemiDetrForObjectDetection(config).save_pretrained(tmp_path / "model")
+    report = _load("rpf_positives").main(
+        ["--model", str(tmp_path / "model"), "--batches", "1", "--", "--synthetic_num_train", "20",
+         "--synthetic_num_val", "2", "--synthetic_cache_dir", str(tmp_path / "data"), "--image_scales", "64",
+         "--max_image_size", "80", "--eval_image_size", "64", "--labeled_batch_size", "1",
+         "--unlabeled_batch_size", "2", "--query_mode", "none", "--pseudo_label_threshold", "0.0",
+         "--backbone", "test_resnet", "--d_model", "32", "--encoder_layers", "1", "--decoder_layers", "1",
+         "--ffn_dim", "64", "--attention_heads", "2", "--num_queries", "20", "--num_denoising_queries", "0"])
+    boxes = {mode: r["pseudo_boxes_per_call"] for mode, r in report.items()}
+    assert set(report) == {"one_to_many", "rpf_separate", "rpf_joint"} and len(set(boxes.values())) == 1
+    assert boxes["one_to_many"] > 0 and report["one_to_many"]["duplicates_per_box"] == 0
+    assert report["rpf_separate"]["positives_per_box"] <= 4 and report["rpf_joint"]["positives_per_box"] <= 4
