@@ -20,7 +20,9 @@ def parse_run(spec: str) -> tuple[str, str, int]:
     label, _, rest = spec.partition("=")
     if not label or not rest:
         raise ValueError(f"expected label=path[+offset], got {spec!r}")
-    path, _, offset = rest.rpartition("+") if rest.rpartition("+")[2].isdigit() else (rest, "", "0")
+    path, plus, offset = rest.rpartition("+")
+    if not plus or not offset.isdigit():  # no offset: a "+" belongs to the path
+        path, offset = rest, "0"
     return label, path, int(offset)
 
 

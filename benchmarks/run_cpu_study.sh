@@ -5,7 +5,8 @@
 #   burnin: 10 %: 2000 more steps from the start model; 100 %: 2000 + S more (the calibration arm, equal steps)
 #   reeval: the burn-in's final weights evaluated again with the one-to-many NMS (its last evaluation ran at step T1
 #           and, before the fix of the trainer's evaluation stage, without NMS): resumes a copy at its last step
-#   tau:    label-free tau calibration of the burn-in teacher (BASE: its best_model folder; default $OUT/burnin/best_model) (benchmarks/pseudo_label_rate.py)
+#   tau:    label-free tau calibration of the burn-in teacher (benchmarks/pseudo_label_rate.py); BASE = the teacher's
+#           folder, default $OUT/burnin/best_model (phase2 starts from BASE too)
 #   small:  the calibration again with 300 training images (30 labeled at 10 %): supervised from scratch, 3000 steps,
 #           all one-to-many (evaluated with its NMS), 10 % and 100 % labels
 #   phase2: S steps of each ablation variant from the burn-in model, TAU=<chosen tau> (seeds 0,1,2 for supervised

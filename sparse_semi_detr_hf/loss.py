@@ -139,8 +139,8 @@ class SetCriterion(nn.Module):
         self.o2m = {"topk": config.one_to_many_topk, "alpha": config.one_to_many_alpha,
                     "beta": config.one_to_many_beta}
         self.rpf = {"groups": config.rpf_groups, "topk": config.rpf_topk, "jitter": config.rpf_jitter,
-                    "alpha": config.one_to_many_alpha, "beta": config.one_to_many_beta,
-                    "joint": getattr(config, "rpf_joint_matching", False)}
+                    "alpha": config.one_to_many_alpha, "beta": config.one_to_many_beta}
+        self.rpf_joint_matching = config.rpf_joint_matching  # one-to-many side only (see rpf_duplicate_pseudo_labels)
         self.rpf_duplicate_iou = config.rpf_duplicate_iou
 
     @property
@@ -223,7 +223,7 @@ class SetCriterion(nn.Module):
             return self.one_to_one_losses(logits, boxes, targets, num_boxes)
         if use_rpf:
             results = rpf_assign(logits.detach(), boxes.detach(), targets, generator=generator,
-                                 matcher=self.matcher, **self.rpf)
+                                 matcher=self.matcher, joint=self.rpf_joint_matching, **self.rpf)
             assignments = [assigned for assigned, _ in results]
             duplicates = torch.stack([duplicate for _, duplicate in results])
         else:

@@ -221,12 +221,11 @@ def rpf_candidates(logits: Tensor, pred_boxes: Tensor, targets: list[dict], grou
     for block, target in zip(blocks, targets):
         num_boxes = len(target["boxes"])
         member = np.zeros((logits.shape[1], num_boxes), dtype=bool)
-        if joint and num_boxes:
-            rows, cols = linear_sum_assignment(block.numpy())
+        # joint: one assignment over all copies; else one per copy set (columns group * n .. (group + 1) * n)
+        column_sets = [block] if joint else [block[:, g * num_boxes:(g + 1) * num_boxes] for g in range(groups)]
+        for columns in column_sets if num_boxes else []:
+            rows, cols = linear_sum_assignment(columns.numpy())
             member[rows, cols % num_boxes] = True
-        for group in range(groups if num_boxes and not joint else 0):
-            rows, cols = linear_sum_assignment(block[:, group * num_boxes:(group + 1) * num_boxes].numpy())
-            member[rows, cols] = True
         candidates.append(torch.from_numpy(member).to(logits.device))
     return candidates
 
@@ -294,7 +293,7 @@ def duplicates_from_candidates(candidate: Tensor, t: Tensor, target: dict, topk:
 def rpf_duplicate_pseudo_labels(logits: Tensor, pred_boxes: Tensor, targets: list[dict], groups: int = 6,
                                 topk: int = 4, jitter: float = 0.1, alpha: float = 1.0, beta: float = 6.0,
                                 duplicate_iou: float = 0.7, generator: torch.Generator | None = None,
-                                matcher: HungarianMatcher | None = None, joint: bool = False) -> list[Tensor]:
+                                matcher: HungarianMatcher | None = None) -> list[Tensor]:
     """Reliable Pseudo-Label Filtering, one-to-one side (SPEC §4, our reading): which pseudo-boxes are duplicates.
 
     With candidate sets ``C_j`` as in ``rpf_assign`` (before any conflict resolution) and ``P_j`` = the ``topk``
@@ -302,8 +301,8 @@ def rpf_duplicate_pseudo_labels(logits: Tensor, pred_boxes: Tensor, targets: lis
     duplicate when some pseudo-box i ranked ahead of it (higher ``scores``; equal scores: lower index) has the same
     class, ``IoU(i, j) >= duplicate_iou`` and ``P_j`` non-empty and contained in ``C_i``: everything that fits j
     is also claimed by i. The test is against every box ranked ahead, dropped or not (no NMS-style chaining).
-    Targets must carry ``scores (n,)``. Returns per image a bool ``(n,)`` mask, True = drop. ``joint`` is accepted
-    and ignored: this rule needs the separately matched candidate sets (jointly matched boxes share none).
+    Targets must carry ``scores (n,)``. Returns per image a bool ``(n,)`` mask, True = drop. The candidate sets are
+    always matched separately: jointly matched boxes share none, so this rule would never fire.
     """
     candidates = rpf_candidates(logits, pred_boxes, targets, groups, jitter, generator, matcher)
     masks = []

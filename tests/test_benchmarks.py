@@ -124,6 +124,19 @@ def _load(name: str):
     return module
 
 
+def _save_tiny_model(path, **overrides) -> None:
+    """A random tiny detector saved with ``save_pretrained`` (``test_resnet``, d_model 32, 1 + 1 layers)."""
+    import torch
+    from sparse_semi_detr_hf import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection
+
+    torch.manual_seed(0)
+    config = SparseSemiDetrConfig(backbone="test_resnet", d_model=32, encoder_layers=1, decoder_layers=1,
+                                  encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, num_queries=20, num_denoising_queries=0,
+                                  num_labels=10, neck_group_norm_groups=8, **overrides)
+    SparseSemiDetrForObjectDetection(config).save_pretrained(path)
+
+
 def test_ablation_jobs_put_every_seed_of_the_main_variants_first():
     ablation = _load("ablation")
     jobs = ablation.select_jobs("supervised,qrm_only,sparse_semi_detr", "3,4", "qrm_only")
@@ -135,15 +148,7 @@ def test_ablation_jobs_put_every_seed_of_the_main_variants_first():
 
 def test_pseudo_label_rate_reads_only_the_teacher_on_unlabeled_images(tmp_path):
     """The tau calibration on a tiny random model: counts fall as tau rises; labeled boxes come from the split."""
-    import torch
-    from sparse_semi_detr_hf import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection
-
-    torch.manual_seed(0)
-    config = SparseSemiDetrConfig(backbone="test_resnet", d_model=32, encoder_layers=1, decoder_layers=1,
-                                  encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
-                                  decoder_attention_heads=2, num_queries=20, num_denoising_queries=0,
-                                  num_labels=10, neck_group_norm_groups=8, qrm_reduced_dim=16, qrm_attention_heads=2)
-    SparseSemiDetrForObjectDetection(config).save_pretrained(tmp_path / "model")
+    _save_tiny_model(tmp_path / "model", qrm_reduced_dim=16, qrm_attention_heads=2)
     rate = _load("pseudo_label_rate")
     report = rate.main(["--model", str(tmp_path / "model"), "--images", "6", "--thresholds", "0.0,0.1,0.99",
                         "--", "--synthetic_num_train", "20", "--synthetic_num_val", "2", "--image_scales", "64",
@@ -198,15 +203,7 @@ def test_ablation_reuses_finished_runs_and_never_reports_stale_results(tmp_path,
 
 
 def test_rpf_positives_reports_each_assignment_on_the_same_batches(tmp_path):
-    import torch
-    from sparse_semi_detr_hf import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection
-
-    torch.manual_seed(0)
-    config = SparseSemiDetrConfig(backbone="test_resnet", d_model=32, encoder_layers=1, decoder_layers=1,
-                                  encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
-                                  decoder_attention_heads=2, num_queries=20, num_denoising_queries=0,
-                                  num_labels=10, neck_group_norm_groups=8, query_mode="none")
-    SparseSemiDetrForObjectDetection(config).save_pretrained(tmp_path / "model")
+    _save_tiny_model(tmp_path / "model", query_mode="none")
     report = _load("rpf_positives").main(
         ["--model", str(tmp_path / "model"), "--batches", "1", "--", "--synthetic_num_train", "20",
          "--synthetic_num_val", "2", "--synthetic_cache_dir", str(tmp_path / "data"), "--image_scales", "64",
