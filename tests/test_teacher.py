@@ -52,6 +52,31 @@ def test_momentum_schedule():
         ema_momentum(-1, 0.999)
 
 
+def test_momentum_without_warmup_is_constant():
+    assert ema_momentum(0, 0.995, warmup=False) == 0.995
+    assert ema_momentum(1, 0.995, warmup=False) == 0.995
+    assert ema_momentum(10_000, 0.995, warmup=False) == 0.995
+
+
+def test_a_trained_teacher_is_not_replaced_by_the_first_student_step(student):
+    """Regression: starting the semi-supervised phase from a burn-in model, the warm-up (m = 0 at step 0) copied
+    the student's first noisy step into the teacher and threw the burn-in teacher away (the pseudo-labels per
+    unlabeled image fell from 3.3 to 0.2 within 20 steps, docs/results.md). Without warm-up step 0 uses m_max."""
+    teacher = EMATeacher(student, momentum_max=0.99, warmup=False)
+    before = [p.clone() for p in teacher.model.parameters()]
+    _perturb(student, 1)
+    assert teacher.update(student, step=0) == 0.99
+    for t, b, s in zip(teacher.model.parameters(), before, student.parameters()):
+        torch.testing.assert_close(t, 0.99 * b + 0.01 * s)
+
+
+def test_state_dict_keeps_the_warmup_setting(student):
+    saved = EMATeacher(student, momentum_max=0.99, warmup=False).state_dict()
+    restored = EMATeacher(copy.deepcopy(student), momentum_max=0.5)
+    restored.load_state_dict(saved)
+    assert restored.warmup is False and restored.momentum_max == 0.99
+
+
 def test_scaled_momentum_keeps_horizon_in_images():
     assert scaled_momentum(0.999, 40, 40) == pytest.approx(0.999)
     small = scaled_momentum(0.999, 40, 5)

@@ -194,6 +194,19 @@ def test_resume_gives_the_same_parameters(tmp_path, synthetic_cache, accumulatio
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["checkpoint_0", "checkpoint_1"]
 
 
+def test_teacher_warmup_only_for_an_untrained_start(tmp_path, synthetic_cache):
+    """The EMA warm-up would replace a loaded (burn-in) teacher by the student's first steps: it is on by default
+    for a run from scratch, off with --model_name_or_path (the flag overrides both)."""
+    scratch = SemiSupervisedTrainer(tiny_args(tmp_path / "scratch", synthetic_cache, "--max_steps", "1"))
+    assert scratch.args.ema_warmup and scratch.teacher.warmup
+    scratch.accelerator.unwrap_model(scratch.student).detector.save_pretrained(tmp_path / "model")
+    loaded = SemiSupervisedTrainer(tiny_args(tmp_path / "loaded", synthetic_cache, "--max_steps", "1",
+                                             "--model_name_or_path", str(tmp_path / "model")))
+    assert not loaded.args.ema_warmup and not loaded.teacher.warmup
+    forced = tiny_args(tmp_path / "forced", synthetic_cache, "--model_name_or_path", "m", "--ema_warmup", "true")
+    assert forced.ema_warmup
+
+
 def test_fresh_run_in_a_used_output_dir(tmp_path, synthetic_cache):
     """Regression: a new run (no resume) in an output dir that already holds checkpoints used to train to the
     end and then crash in ``save_state`` ("Checkpoint directory ... already exists")."""

@@ -96,6 +96,10 @@ class TrainingArguments:
     lr_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (paper: 0)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     ema_momentum: float | None = field(default=None, metadata={"help": "Maximum EMA momentum of the teacher."})
+    ema_warmup: bool | None = field(default=None, metadata={
+        "help": "EMA momentum warm-up 1 - 1/(step+1) (Semi-DETR, untrained start). Default: on when training from "
+                "scratch, off (constant --ema_momentum) with --model_name_or_path, whose trained teacher the "
+                "warm-up would replace by the student's first steps."})
     unsup_weight: float = field(default=4.0, metadata={"help": "Weight of the unsupervised loss (2.0 COCO-Full)."})
     consistency_in_one_to_one: bool = field(default=True, metadata={"help": "Keep the query consistency loss "
                                                                              "after T1 (Semi-DETR's code drops it)."})
@@ -157,6 +161,8 @@ class TrainingArguments:
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.ema_warmup is None:
+            self.ema_warmup = self.model_name_or_path is None
         self._validate()
 
     @property

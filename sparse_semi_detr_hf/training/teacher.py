@@ -6,7 +6,10 @@ The teacher is a frozen deep copy of the student whose parameters follow the stu
     teacher_param <- m_step * teacher_param + (1 - m_step) * student_param
 
 so the teacher is an exact copy at step 0, the plain average of two models at step 1, and reaches
-``momentum_max`` after about ``1 / (1 - momentum_max)`` steps (Semi-DETR's ``MeanTeacher`` hook).
+``momentum_max`` after about ``1 / (1 - momentum_max)`` steps (Semi-DETR's ``MeanTeacher`` hook). That warm-up
+suits a teacher that starts untrained (Semi-DETR starts from ImageNet weights, no burn-in). A teacher that starts
+as a trained model (a supervised burn-in) must not be replaced by the student's first, noisy steps: with
+``warmup=False`` the momentum is ``momentum_max`` from step 0 (Unbiased Teacher's constant EMA after burn-in).
 
 Buffers (BatchNorm running statistics, ``num_batches_tracked``) are **copied** from the student, not
 averaged: frozen-BN buffers are constant anyway, and trainable-BN running statistics of the teacher
@@ -38,11 +41,12 @@ def unwrap_model(module: nn.Module) -> nn.Module:
         return module
 
 
-def ema_momentum(step: int, momentum_max: float) -> float:
-    """EMA momentum at ``step`` (0-based): ``min(momentum_max, 1 - 1 / (step + 1))``."""
+def ema_momentum(step: int, momentum_max: float, warmup: bool = True) -> float:
+    """EMA momentum at ``step`` (0-based): ``min(momentum_max, 1 - 1 / (step + 1))``; ``momentum_max`` without
+    ``warmup``."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    return min(momentum_max, 1.0 - 1.0 / (step + 1))
+    return min(momentum_max, 1.0 - 1.0 / (step + 1)) if warmup else momentum_max
 
 
 def scaled_momentum(base_momentum: float, base_batch: int, batch: int) -> float:
@@ -66,15 +70,17 @@ class EMATeacher:
     Args:
         student: the student model (may be wrapped by DDP/accelerate; it is unwrapped before copying).
         momentum_max: the ceiling of the momentum schedule (0.999 by default, Semi-DETR's value).
+        warmup: the ``1 - 1 / (step + 1)`` warm-up (for an untrained start); ``False``: constant ``momentum_max``.
 
     The object has ``state_dict()``/``load_state_dict()``, so ``accelerator.register_for_checkpointing(teacher)``
     saves and restores it (the teacher weights plus the momentum settings). Use ``teacher.model`` for forwards.
     """
 
-    def __init__(self, student: nn.Module, momentum_max: float = 0.999):
+    def __init__(self, student: nn.Module, momentum_max: float = 0.999, warmup: bool = True):
         if not 0.0 <= momentum_max <= 1.0:
             raise ValueError(f"momentum_max must be in [0, 1], got {momentum_max}")
         self.momentum_max = float(momentum_max)
+        self.warmup = bool(warmup)
         self.last_momentum: float | None = None
         self.model = copy.deepcopy(unwrap_model(student))
         self.model.requires_grad_(False)
@@ -89,7 +95,7 @@ class EMATeacher:
         Parameters: ``teacher <- m * teacher + (1 - m) * student`` (one fused ``_foreach_lerp_``).
         Buffers: copied from the student. Student tensors are moved to the teacher's device/dtype if they differ.
         """
-        momentum = ema_momentum(step, self.momentum_max)
+        momentum = ema_momentum(step, self.momentum_max, self.warmup)
         student = unwrap_model(student)
         teacher_params, student_params = self._paired(
             dict(self.model.named_parameters()), dict(student.named_parameters()), "parameter"
@@ -121,10 +127,11 @@ class EMATeacher:
         return teacher_list, student_list
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"model": teacher state dict, "momentum_max": float, "last_momentum": float | None}``."""
+        """``{"model": teacher state dict, "momentum_max": float, "warmup": bool, "last_momentum": float | None}``."""
         return {
             "model": self.model.state_dict(),
             "momentum_max": self.momentum_max,
+            "warmup": self.warmup,
             "last_momentum": self.last_momentum,
         }
 
@@ -132,6 +139,7 @@ class EMATeacher:
         """Restore what ``state_dict`` saved; the teacher stays frozen and in eval mode."""
         self.model.load_state_dict(state_dict["model"])
         self.momentum_max = float(state_dict.get("momentum_max", self.momentum_max))
+        self.warmup = bool(state_dict.get("warmup", self.warmup))
         self.last_momentum = state_dict.get("last_momentum")
         self.model.requires_grad_(False)
         self.model.eval()

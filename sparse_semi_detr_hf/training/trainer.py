@@ -210,7 +210,7 @@ class SemiSupervisedTrainer:
         self.coco_gt = coco_ground_truth_from_dataset(self.data.val)
         detector = build_detector(args, self.data.id2label)
         self.config = detector.config
-        self.teacher = EMATeacher(detector, momentum_max=args.ema_momentum)
+        self.teacher = EMATeacher(detector, momentum_max=args.ema_momentum, warmup=args.ema_warmup)
         self.optimizer = build_optimizer(detector, args)
         warmup = max(1, args.lr_warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
