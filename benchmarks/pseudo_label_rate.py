@@ -6,6 +6,10 @@ annotated boxes per LABELED image, and prints both, plus the largest tau of the 
 image reach ``--min_fraction`` of the labeled mean. Same data flags as ``examples/train_ssod.py``:
 
     python benchmarks/pseudo_label_rate.py --model outputs/study/burnin/best_model -- <train_ssod data flags>
+
+``--hidden_annotations`` (a diagnostic, never for choosing tau) also reports the precision and recall of the
+pseudo-labels at IoU 0.5, class-aware (each annotation matched once, in decreasing score order, as COCO does),
+against the annotations the unlabeled split hides (the synthetic set and COCO-Partial splits keep them).
 """
 
 import argparse
@@ -39,6 +43,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--images", type=int, default=300, help="unlabeled images to look at")
     parser.add_argument("--min_fraction", type=float, default=0.5)
     parser.add_argument("--class_nms_iou", type=float, default=0.6, help="as in the one-to-many stage")
+    parser.add_argument("--hidden_annotations", action="store_true",
+                        help="also report precision / recall against the unlabeled images' hidden annotations")
     args = parser.parse_args(own)
     (train_args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
         args=["--output_dir", "unused", *extra])
@@ -50,21 +56,46 @@ def main(argv=None) -> dict:
     loader = torch.utils.data.DataLoader(LabeledDetectionDataset(unlabeled, EvalTransform(views), seed=0),
                                          batch_size=8, collate_fn=collate_labeled)
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    counts = dict.fromkeys(thresholds, 0)
+    counts, correct, annotated = dict.fromkeys(thresholds, 0), dict.fromkeys(thresholds, 0), 0
     with torch.inference_mode():
         for batch in loader:
             outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+            annotated += sum(len(target["boxes"]) for target in batch["labels"])
             for t in thresholds:
                 selected = select_pseudo_labels(outputs.logits, outputs.pred_boxes, t, args.class_nms_iou)
                 counts[t] += sum(len(p["class_labels"]) for p in selected)
+                correct[t] += sum(true_positives(p, target) for p, target in zip(selected, batch["labels"]))
     labeled_mean = sum(len(objects["bbox"]) for objects in data.labeled["objects"]) / len(data.labeled)
     per_image = {t: counts[t] / len(unlabeled) for t in thresholds}
     reaching = [t for t in thresholds if per_image[t] >= args.min_fraction * labeled_mean]
     report = {"labeled_boxes_per_image": labeled_mean, "pseudo_labels_per_image": per_image,
               "images": len(unlabeled), "min_fraction": args.min_fraction,
               "largest_tau_reaching": max(reaching) if reaching else None}
+    if args.hidden_annotations:
+        if annotated == 0:
+            raise ValueError("--hidden_annotations: the unlabeled images carry no annotations to compare with.")
+        report["hidden_annotations"] = {"annotated_boxes_per_image": annotated / len(unlabeled), **{
+            t: {"precision": correct[t] / counts[t] if counts[t] else None, "recall": correct[t] / annotated}
+            for t in thresholds}}
     print(json.dumps(report, indent=2))
     return report
+
+
+def true_positives(pseudo: dict, target: dict, iou_threshold: float = 0.5) -> int:
+    """Pseudo-labels (sorted by decreasing score) that match a same-class annotation at IoU >= ``iou_threshold``;
+    each annotation is matched once, to the highest-scoring pseudo-label that reaches it. Boxes: cxcywh."""
+    from sparse_semi_detr_hf.box_ops import box_cxcywh_to_xyxy, box_iou
+
+    if len(pseudo["boxes"]) == 0 or len(target["boxes"]) == 0:
+        return 0
+    iou = box_iou(box_cxcywh_to_xyxy(pseudo["boxes"].float()), box_cxcywh_to_xyxy(target["boxes"].float()))
+    candidate = (iou >= iou_threshold) & (pseudo["class_labels"][:, None] == target["class_labels"][None])
+    taken = torch.zeros(len(target["boxes"]), dtype=torch.bool)
+    for row, ious in zip(candidate, iou):
+        free = row & ~taken
+        if free.any():
+            taken[torch.where(free, ious, torch.full_like(ious, -1.0)).argmax()] = True
+    return int(taken.sum())
 
 
 if __name__ == "__main__":

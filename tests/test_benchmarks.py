@@ -157,6 +157,37 @@ def test_pseudo_label_rate_reads_only_the_teacher_on_unlabeled_images(tmp_path):
     assert per_image[0.0] == 20 * 10 and per_image[0.0] >= per_image[0.1] >= per_image[0.99] == 0
     assert report["images"] == 6 and report["labeled_boxes_per_image"] > 0
     assert report["largest_tau_reaching"] in (0.0, 0.1)
+    assert "hidden_annotations" not in report
+
+
+def test_pseudo_label_precision_matches_each_annotation_once():
+    """The diagnostic's matching: same class, IoU >= 0.5, an annotation counted once (best-scoring first)."""
+    import torch
+
+    rate = _load("pseudo_label_rate")
+    target = {"boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]]),
+              "class_labels": torch.tensor([0, 1])}
+    pseudo = {"boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.31, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2],
+                                     [0.5, 0.5, 0.1, 0.1]]),
+              "class_labels": torch.tensor([0, 0, 0, 1])}
+    # first box: match; second: duplicate of the same annotation; third: right place, wrong class; fourth: nowhere
+    assert rate.true_positives(pseudo, target) == 1
+    pseudo["class_labels"] = torch.tensor([0, 0, 1, 1])
+    assert rate.true_positives(pseudo, target) == 2
+    assert rate.true_positives({"boxes": torch.zeros(0, 4), "class_labels": torch.zeros(0, dtype=torch.long)},
+                               target) == 0
+
+
+def test_pseudo_label_rate_reports_precision_against_hidden_annotations(tmp_path):
+    _save_tiny_model(tmp_path / "model", qrm_reduced_dim=16, qrm_attention_heads=2)
+    rate = _load("pseudo_label_rate")
+    report = rate.main(["--model", str(tmp_path / "model"), "--images", "4", "--thresholds", "0.0,0.99",
+                        "--hidden_annotations", "--", "--synthetic_num_train", "20", "--synthetic_num_val", "2",
+                        "--image_scales", "64", "--max_image_size", "80", "--eval_image_size", "64"])
+    hidden = report["hidden_annotations"]
+    assert hidden["annotated_boxes_per_image"] > 0
+    assert 0.0 <= hidden[0.0]["precision"] <= 1.0 and 0.0 <= hidden[0.0]["recall"] <= 1.0
+    assert hidden[0.99] == {"precision": None, "recall": 0.0}
 
 
 def test_history_table_lines_up_chained_runs_and_marks_unfair_evaluations(tmp_path):
@@ -215,3 +246,24 @@ def test_rpf_positives_reports_each_assignment_on_the_same_batches(tmp_path):
     assert set(report) == {"one_to_many", "rpf_separate", "rpf_joint"} and len(set(boxes.values())) == 1
     assert boxes["one_to_many"] > 0 and report["one_to_many"]["duplicates_per_box"] == 0
     assert report["rpf_separate"]["positives_per_box"] <= 4 and report["rpf_joint"]["positives_per_box"] <= 4
+
+
+def test_seed_table_reads_finished_and_interrupted_runs_at_common_steps(tmp_path):
+    """results.json histories and the log lines of a run stopped at a deadline; only steps every seed reached."""
+    seed_table = _load("seed_table")
+    finished, stopped = tmp_path / "a_seed0", tmp_path / "a_seed1"
+    finished.mkdir(), stopped.mkdir()
+    finished.joinpath("results.json").write_text(json.dumps({"history": [
+        {"step": s, "teacher": {"AP": t}, "student": {"AP": u}} for s, t, u in [(10, 0.1, 0.2), (20, 0.3, 0.4)]]}))
+    stopped.joinpath("log.txt").write_text(
+        "train: 5%|\r2026 INFO trainer: step 10: student AP 0.4000, teacher AP 0.3000\rtrain: 60%|")
+    table = seed_table.main([f"a={finished},{stopped}", "--json", str(tmp_path / "s.json")])
+    assert list(table["a"]) == [10]  # step 20 only in one run
+    teacher = table["a"][10]["teacher"]
+    assert teacher["n"] == 2 and teacher["mean"] == pytest.approx(20.0)
+    assert teacher["std"] == pytest.approx(14.142, abs=1e-3)
+    assert table["a"][10]["student"]["values"] == pytest.approx([20.0, 40.0])
+    assert json.loads((tmp_path / "s.json").read_text())["summary"]["a"]["10"]["teacher"]["n"] == 2
+    assert "| 10 | 20.0 ± 14.1 (2) |" in seed_table.markdown(table, "teacher")
+    with pytest.raises(ValueError, match="label=run_dir"):
+        seed_table.parse_arm("nolabel")
