@@ -267,3 +267,19 @@ def test_seed_table_reads_finished_and_interrupted_runs_at_common_steps(tmp_path
     assert "| 10 | 20.0 ± 14.1 (2) |" in seed_table.markdown(table, "teacher")
     with pytest.raises(ValueError, match="label=run_dir"):
         seed_table.parse_arm("nolabel")
+
+
+def test_pseudo_label_trace_follows_the_ema_setting(tmp_path):
+    """Windows of the training steps with their mean pseudo-label count and the EMA momentum actually used."""
+    _save_tiny_model(tmp_path / "model", qrm_reduced_dim=16, qrm_attention_heads=2)
+    tracer = _load("pseudo_label_trace")
+    common = ["--synthetic_num_train", "20", "--synthetic_num_val", "2", "--image_scales", "64", "--max_image_size",
+              "80", "--eval_image_size", "64", "--labeled_batch_size", "1", "--unlabeled_batch_size", "2",
+              "--model_name_or_path", str(tmp_path / "model"), "--pseudo_label_threshold", "0.0",
+              "--ema_momentum", "0.9"]
+    rows = tracer.main(["--steps", "3", "--window", "2", "--", *common])
+    assert [row["steps"] for row in rows] == ["1-2", "3-3"]
+    assert all(row["pseudo_labels_per_image"] > 0 for row in rows)  # tau 0: every image gets pseudo-labels
+    assert [row["ema_momentum"] for row in rows] == [0.9, 0.9]  # a loaded model: no warm-up by default
+    warm = tracer.main(["--steps", "2", "--window", "2", "--", *common, "--ema_warmup", "true"])
+    assert warm[0]["ema_momentum"] == pytest.approx(1 - 1 / 3)  # the warm-up at the second update
