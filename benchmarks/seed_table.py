@@ -7,7 +7,10 @@ GPU), from the ``step N: student AP x, teacher AP y`` lines of its ``log.txt``:
     python benchmarks/seed_table.py "supervised=out/w4/supervised_seed0,out/w4/supervised_seed1" \\
         "sparse=out/w1/sparse_semi_detr_seed0,out/w1/sparse_semi_detr_seed1" [--json summary.json]
 
-A cell is ``mean ± std (n)`` of AP x 100 (sample standard deviation; 0 for one seed).
+A cell is ``mean ± std (n)`` of AP x 100 (sample standard deviation; 0 for one seed). A run continued in a second
+invocation (``--resume_from_checkpoint``) is ``first_dir+second_dir``: its evaluations are merged, the later folder
+winning on equal steps (a checkpoint saved at the last step precedes that step's final evaluation, so the resumed
+run's history lacks it).
 """
 
 import argparse
@@ -20,7 +23,15 @@ EVAL_LINE = re.compile(r"step (\d+): student AP ([0-9.]+), teacher AP ([0-9.]+)"
 
 
 def run_evaluations(run_dir: str) -> dict[int, dict[str, float]]:
-    """``{step: {"teacher": AP, "student": AP}}`` of one run folder (``results.json`` first, else ``log.txt``)."""
+    """``{step: {"teacher": AP, "student": AP}}`` of one run (``dir`` or ``dir+dir+...``, later parts win)."""
+    merged = {}
+    for part in run_dir.split("+"):
+        merged.update(_folder_evaluations(part))
+    return merged
+
+
+def _folder_evaluations(run_dir: str) -> dict[int, dict[str, float]]:
+    """One folder's evaluations: its ``results.json`` history, else the evaluation lines of its ``log.txt``."""
     results = os.path.join(run_dir, "results.json")
     if os.path.exists(results):
         with open(results) as f:

@@ -265,6 +265,11 @@ def test_seed_table_reads_finished_and_interrupted_runs_at_common_steps(tmp_path
     assert table["a"][10]["student"]["values"] == pytest.approx([20.0, 40.0])
     assert json.loads((tmp_path / "s.json").read_text())["summary"]["a"]["10"]["teacher"]["n"] == 2
     assert "| 10 | 20.0 ± 14.1 (2) |" in seed_table.markdown(table, "teacher")
+    resumed = tmp_path / "a_seed1_more"
+    resumed.mkdir()
+    resumed.joinpath("log.txt").write_text("step 20: student AP 0.5000, teacher AP 0.6000")
+    table = seed_table.main([f"a={finished},{stopped}+{resumed}"])
+    assert list(table["a"]) == [10, 20] and table["a"][20]["teacher"]["values"] == pytest.approx([30.0, 60.0])
     with pytest.raises(ValueError, match="label=run_dir"):
         seed_table.parse_arm("nolabel")
 
