@@ -90,6 +90,23 @@ def split_passthrough(argv) -> tuple[list[str], list[str]]:
     return argv[:cut], argv[cut + 1:]
 
 
+def trainer_with_batches(argv: list[str]):
+    """A ``SemiSupervisedTrainer`` built from ``train_ssod`` flags (``--output_dir`` unused, data in the main
+    process) and endless iterators over its labeled and unlabeled batches, for the diagnostic scripts."""
+    import torch
+    from transformers import HfArgumentParser
+
+    from sparse_semi_detr_hf.training.arguments import TrainingArguments
+    from sparse_semi_detr_hf.training.trainer import SemiSupervisedTrainer
+
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        args=["--output_dir", "unused", "--num_workers", "0", *argv])
+    torch.manual_seed(args.seed)
+    trainer = SemiSupervisedTrainer(args)
+    labeled_loader, unlabeled_loader = trainer._loaders()
+    return trainer, iter(labeled_loader), iter(unlabeled_loader)
+
+
 def main(argv=None) -> dict:
     own, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

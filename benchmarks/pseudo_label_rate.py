@@ -8,8 +8,8 @@ image reach ``--min_fraction`` of the labeled mean. Same data flags as ``example
     python benchmarks/pseudo_label_rate.py --model outputs/study/burnin/best_model -- <train_ssod data flags>
 
 ``--hidden_annotations`` (a diagnostic, never for choosing tau) also reports the precision and recall of the
-pseudo-labels at IoU 0.5, class-aware (each annotation matched once, in decreasing score order, as COCO does),
-against the annotations the unlabeled split hides (the synthetic set and COCO-Partial splits keep them).
+pseudo-labels at IoU 0.5, class-aware (a one-to-one matching, ``training.pseudo_labels.pseudo_label_quality``, the
+trainer's ``pseudo_precision`` / ``pseudo_recall``), against the annotations the unlabeled split hides (the synthetic set and COCO-Partial splits keep them).
 """
 
 import argparse
@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
     from sparse_semi_detr_hf import SparseSemiDetrForObjectDetection
     from sparse_semi_detr_hf.training.arguments import TrainingArguments
     from sparse_semi_detr_hf.training.data import LabeledDetectionDataset, collate_labeled
-    from sparse_semi_detr_hf.training.pseudo_labels import select_pseudo_labels
+    from sparse_semi_detr_hf.training.pseudo_labels import pseudo_label_quality, select_pseudo_labels
     from sparse_semi_detr_hf.training.trainer import load_data
     from sparse_semi_detr_hf.training.transforms import EvalTransform, ViewConfig
 
@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
             for t in thresholds:
                 selected = select_pseudo_labels(outputs.logits, outputs.pred_boxes, t, args.class_nms_iou)
                 counts[t] += sum(len(p["class_labels"]) for p in selected)
-                correct[t] += sum(true_positives(p, target) for p, target in zip(selected, batch["labels"]))
+                correct[t] += int(pseudo_label_quality(selected, batch["labels"])["num_true_positive"])
     labeled_mean = sum(len(objects["bbox"]) for objects in data.labeled["objects"]) / len(data.labeled)
     per_image = {t: counts[t] / len(unlabeled) for t in thresholds}
     reaching = [t for t in thresholds if per_image[t] >= args.min_fraction * labeled_mean]
@@ -79,23 +79,6 @@ def main(argv=None) -> dict:
             for t in thresholds}}
     print(json.dumps(report, indent=2))
     return report
-
-
-def true_positives(pseudo: dict, target: dict, iou_threshold: float = 0.5) -> int:
-    """Pseudo-labels (sorted by decreasing score) that match a same-class annotation at IoU >= ``iou_threshold``;
-    each annotation is matched once, to the highest-scoring pseudo-label that reaches it. Boxes: cxcywh."""
-    from sparse_semi_detr_hf.box_ops import box_cxcywh_to_xyxy, box_iou
-
-    if len(pseudo["boxes"]) == 0 or len(target["boxes"]) == 0:
-        return 0
-    iou = box_iou(box_cxcywh_to_xyxy(pseudo["boxes"].float()), box_cxcywh_to_xyxy(target["boxes"].float()))
-    candidate = (iou >= iou_threshold) & (pseudo["class_labels"][:, None] == target["class_labels"][None])
-    taken = torch.zeros(len(target["boxes"]), dtype=torch.bool)
-    for row, ious in zip(candidate, iou):
-        free = row & ~taken
-        if free.any():
-            taken[torch.where(free, ious, torch.full_like(ious, -1.0)).argmax()] = True
-    return int(taken.sum())
 
 
 if __name__ == "__main__":

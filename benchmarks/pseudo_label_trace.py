@@ -14,28 +14,16 @@ import json
 import os
 import sys
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ablation import split_passthrough  # noqa: E402
+from ablation import split_passthrough, trainer_with_batches  # noqa: E402
 
 
 def trace(extra: list[str], steps: int, window: int) -> list[dict]:
     """``[{"steps": "a-b", "pseudo_labels_per_image": mean, "ema_momentum": m}, ...]`` for consecutive windows."""
-    from transformers import HfArgumentParser
-
-    from sparse_semi_detr_hf.training.arguments import TrainingArguments
-    from sparse_semi_detr_hf.training.trainer import SemiSupervisedTrainer
-
-    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
-        args=["--output_dir", "unused", "--num_workers", "0", *extra])
-    torch.manual_seed(args.seed)
-    trainer = SemiSupervisedTrainer(args)
-    labeled_loader, unlabeled_loader = trainer._loaders()
-    labeled, unlabeled = iter(labeled_loader), iter(unlabeled_loader)
+    trainer, labeled, unlabeled = trainer_with_batches(extra)
     trainer.student.train()
     rows, total = [], 0.0
     for step in range(1, steps + 1):

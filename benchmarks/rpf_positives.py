@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ablation import split_passthrough  # noqa: E402
+from ablation import split_passthrough, trainer_with_batches  # noqa: E402
 
 MODES = {"one_to_many": ["--use_rpf", "false"], "rpf_separate": ["--use_rpf", "true", "--rpf_joint_matching", "false"],
          "rpf_joint": ["--use_rpf", "true", "--rpf_joint_matching", "true"]}
@@ -27,12 +27,8 @@ MODES = {"one_to_many": ["--use_rpf", "false"], "rpf_separate": ["--use_rpf", "t
 
 def measure(extra: list[str], model: str, batches: int) -> dict:
     """One assignment mode: means per criterion call on pseudo-labeled targets."""
-    from transformers import HfArgumentParser
-
     from sparse_semi_detr_hf.loss import SetCriterion
-    from sparse_semi_detr_hf.training.arguments import TrainingArguments
     from sparse_semi_detr_hf.training.step import ONE_TO_MANY
-    from sparse_semi_detr_hf.training.trainer import SemiSupervisedTrainer
 
     calls = []
     original = SetCriterion.one_to_many_losses
@@ -48,12 +44,7 @@ def measure(extra: list[str], model: str, batches: int) -> dict:
 
     SetCriterion.one_to_many_losses = recording
     try:
-        (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
-            args=["--output_dir", "unused", "--model_name_or_path", model, "--num_workers", "0", *extra])
-        torch.manual_seed(args.seed)
-        trainer = SemiSupervisedTrainer(args)
-        labeled_loader, unlabeled_loader = trainer._loaders()
-        labeled, unlabeled = iter(labeled_loader), iter(unlabeled_loader)
+        trainer, labeled, unlabeled = trainer_with_batches(["--model_name_or_path", model, *extra])
         with torch.no_grad():
             for _ in range(batches):
                 trainer.compute_loss(next(labeled), next(unlabeled), ONE_TO_MANY)

@@ -161,21 +161,26 @@ def test_pseudo_label_rate_reads_only_the_teacher_on_unlabeled_images(tmp_path):
 
 
 def test_pseudo_label_precision_matches_each_annotation_once():
-    """The diagnostic's matching: same class, IoU >= 0.5, an annotation counted once (best-scoring first)."""
+    """The diagnostic's matching (the trainer's ``pseudo_label_quality``): same class, IoU >= 0.5, an annotation
+    counted once."""
     import torch
 
-    rate = _load("pseudo_label_rate")
+    from sparse_semi_detr_hf.training.pseudo_labels import pseudo_label_quality
+
+    def true_positives(pseudo, target):
+        return pseudo_label_quality([pseudo], [target])["num_true_positive"]
+
     target = {"boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]]),
               "class_labels": torch.tensor([0, 1])}
     pseudo = {"boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.31, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2],
                                      [0.5, 0.5, 0.1, 0.1]]),
               "class_labels": torch.tensor([0, 0, 0, 1])}
     # first box: match; second: duplicate of the same annotation; third: right place, wrong class; fourth: nowhere
-    assert rate.true_positives(pseudo, target) == 1
+    assert true_positives(pseudo, target) == 1
     pseudo["class_labels"] = torch.tensor([0, 0, 1, 1])
-    assert rate.true_positives(pseudo, target) == 2
-    assert rate.true_positives({"boxes": torch.zeros(0, 4), "class_labels": torch.zeros(0, dtype=torch.long)},
-                               target) == 0
+    assert true_positives(pseudo, target) == 2
+    assert true_positives({"boxes": torch.zeros(0, 4), "class_labels": torch.zeros(0, dtype=torch.long)},
+                          target) == 0
 
 
 def test_pseudo_label_rate_reports_precision_against_hidden_annotations(tmp_path):

@@ -36,6 +36,12 @@ def _perturb(model: nn.Module, seed: int) -> None:
             param.add_(torch.randn(param.shape, generator=generator))
 
 
+def _assert_averaged(teacher: EMATeacher, before: list, student: nn.Module, momentum: float) -> None:
+    """Every teacher parameter is ``momentum * before + (1 - momentum) * student``."""
+    for t, b, s in zip(teacher.model.parameters(), before, student.parameters()):
+        torch.testing.assert_close(t, momentum * b + (1 - momentum) * s)
+
+
 @pytest.fixture
 def student():
     torch.manual_seed(0)
@@ -67,8 +73,7 @@ def test_a_trained_teacher_is_not_replaced_by_the_first_student_step(student):
     before = [p.clone() for p in teacher.model.parameters()]
     _perturb(student, 1)
     assert teacher.update(student, step=0) == 0.99
-    for t, b, s in zip(teacher.model.parameters(), before, student.parameters()):
-        torch.testing.assert_close(t, 0.99 * b + 0.01 * s)
+    _assert_averaged(teacher, before, student, 0.99)
 
 
 def test_state_dict_keeps_the_warmup_setting(student):
@@ -107,8 +112,7 @@ def test_step0_copies_step1_averages(student):
     before = [p.clone() for p in teacher.model.parameters()]
     _perturb(student, 2)
     assert teacher.update(student, step=1) == 0.5
-    for t, b, s in zip(teacher.model.parameters(), before, student.parameters()):
-        torch.testing.assert_close(t, 0.5 * b + 0.5 * s)
+    _assert_averaged(teacher, before, student, 0.5)
 
 
 def test_update_matches_hand_computation_and_copies_buffers(student):
