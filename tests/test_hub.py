@@ -72,7 +72,8 @@ def _model_folder(root: Path, step: int = 0) -> Path:
     (folder / "preprocessor_config.json").write_text("{}")
     for name in ("configuration_sparse_semi_detr.py", "modeling_sparse_semi_detr.py", "box_ops.py"):
         (folder / name).write_text("# model code\n")
-    build_model_card("user/ssdetr", EVAL, "bccd", 10, {"lr": 1e-4, "step": step}).save(folder / "README.md")
+    card = build_model_card("user/ssdetr", EVAL, "bccd", 10, {"lr": 1e-4, "step": step}, dataset_id="user/bccd")
+    card.save(folder / "README.md")
     # Training state that must stay local.
     checkpoint = folder / "checkpoints" / "checkpoint_0"
     checkpoint.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,7 @@ def test_model_card_round_trip(tmp_path):
     assert card.data.pipeline_tag == "object-detection"
     assert card.data.library_name == "transformers"
     assert card.data.license == "apache-2.0"
-    assert card.data.datasets == ["bccd"]
+    assert card.data.datasets == ["user/bccd"]
     assert "semi-supervised" in card.data.tags
     results = {r.metric_name: r for r in card.data.eval_results}
     assert set(results) == {"AP", "AP50", "AP75", "APm", "APl"}  # APs = -1 (not computed) is left out
@@ -145,6 +146,7 @@ def test_model_card_round_trip(tmp_path):
 def test_model_card_without_results():
     card = build_model_card("user/ssdetr", {}, "coco", 1, {}, base_model="user/dino-r50")
     assert card.data.eval_results is None
+    assert card.data.datasets is None  # a local dataset's name is not a Hub id: no `datasets:` metadata
     assert card.data.base_model == "user/dino-r50"
     assert "No evaluation results" in card.text
 

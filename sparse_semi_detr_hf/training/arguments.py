@@ -8,6 +8,8 @@ With no dataset named, the ``synthetic`` preset fills the unset fields with a sm
 import dataclasses
 from dataclasses import dataclass, field
 
+from .secrets import public_settings, redact_settings
+
 PRESETS = {
     # The embedded default: a tiny detector on the synthetic set; a smoke-scale demonstration of the whole loop
     # (views, teacher, pseudo-labels, query modules, RPF, evaluation, checkpoints, export) that finishes in
@@ -39,6 +41,12 @@ MODEL_FIELDS = (
     "rpf_duplicate_iou", "rpf_joint_matching", "pseudo_label_threshold", "qrm_attention_on", "qrm_use_similarity",
     "qrm_similarity_threshold", "qrm_reduced_dim", "consistency_loss_coefficient", "one_to_many_topk",
     "box_noise_scale", "label_noise_ratio", "class_loss_coefficient", "deformable_attention_backend",
+)
+
+# Trainer fields that name local files or folders: never shown in a public model card.
+PATH_FIELDS = (
+    "output_dir", "train_images", "train_annotations", "unlabeled_images", "val_images", "val_annotations",
+    "labeled_ids_file", "synthetic_cache_dir", "resume_from_checkpoint",
 )
 
 
@@ -206,7 +214,15 @@ class TrainingArguments:
         return kwargs
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Every setting, with secrets masked (``hub_token`` -> ``"<HUB_TOKEN>"``, credentials in URLs, the value
+        of ``HF_TOKEN``): what results.json and trackers store."""
+        return redact_settings({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    def public_dict(self) -> dict:
+        """The settings a public model card may show: :meth:`to_dict` without secrets, local paths and unset
+        values."""
+        return public_settings({f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                               path_names=PATH_FIELDS)
 
 
 def parse_overrides(text: str | None) -> dict:

@@ -12,6 +12,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
+from .secrets import known_secrets, redact_text
+
 logger = logging.getLogger(__name__)
 
 # Checkpoints (accelerate's ``checkpoints/checkpoint_*``: optimizer.bin, scheduler.bin, random_states_*.pkl,
@@ -66,6 +68,7 @@ class HubUploader:
         self.max_retries = max(0, int(max_retries))
         self.ignore_patterns = list(ignore_patterns)
         self.api = api if api is not None else HfApi(token=token)
+        self._secrets = known_secrets([token])
         self.errors: list[str] = []
         self._repo_ready = False
         self._pending: list[Future] = []
@@ -91,7 +94,7 @@ class HubUploader:
         self._repo_ready = True
 
     def _record_failure(self, what: str, error: BaseException) -> None:
-        message = f"{what} for {self.repo_id} failed: {type(error).__name__}: {error}"
+        message = redact_text(f"{what} for {self.repo_id} failed: {type(error).__name__}: {error}", self._secrets)
         logger.warning("Hub %s (training continues; the latest folder is pushed again next time)", message)
         self.errors.append(message)
 
@@ -323,14 +326,15 @@ def build_model_card(
             (other keys are kept with ``metric_type = key.lower()``); values as given (pycocotools gives
             fractions in [0, 1]); negative, NaN or None values (not computed) are left out of the ``model-index``
             and shown as ``n/a``.
-        dataset_name: human-readable dataset name; ``dataset_id`` (Hub dataset id) defaults to it.
+        dataset_name: human-readable dataset name (a local folder's name, ``synthetic``, or a Hub id).
+        dataset_id: the Hub dataset id, listed in the card's ``datasets`` metadata; ``None`` (local or synthetic
+            data) leaves ``datasets`` out, so the metadata never names something that is not on the Hub.
         labeled_percent: share of labeled training images, in percent.
         hyperparameters: rendered as a two-column table.
         base_model: Hub id of the initial weights, if any.
 
     Save with ``card.save(os.path.join(model_folder, "README.md"))``.
     """
-    dataset_id = dataset_id or dataset_name
     results = []
     for key, value in eval_results.items():
         if not _is_reported(value):
@@ -338,7 +342,7 @@ def build_model_card(
         results.append(
             EvalResult(
                 task_type="object-detection",
-                dataset_type=dataset_id,
+                dataset_type=dataset_id or dataset_name,
                 dataset_name=dataset_name,
                 dataset_split=dataset_split,
                 metric_type=_METRIC_TYPES.get(key, key.lower()),
@@ -353,7 +357,7 @@ def build_model_card(
         library_name="transformers",
         license=license,
         base_model=base_model,
-        datasets=[dataset_id],
+        datasets=[dataset_id] if dataset_id else None,
         tags=["object-detection", "vision", "detr", "dino", "semi-supervised", "sparse-semi-detr", "custom_code"],
         eval_results=results or None,
     )

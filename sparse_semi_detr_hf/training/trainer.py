@@ -39,6 +39,7 @@ from .data import (
 )
 from .evaluation import coco_ground_truth_from_dataset, evaluate_detections
 from .hub import HubUploader, build_model_card
+from .secrets import looks_like_local_path
 from .sampling import SkipBatches, endless_loader, endless_stream_loader
 from .step import ONE_TO_MANY, ONE_TO_ONE, SemiSupervisedStudent, semi_supervised_loss
 from .synthetic import SyntheticConfig, make_synthetic_detection_dataset
@@ -302,7 +303,7 @@ class SemiSupervisedTrainer:
         self._maybe_resume()
         if acc.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
-        acc.init_trackers("sparse_semi_detr", config=_scalar_config(args))
+        acc.init_trackers("sparse_semi_detr", config=_scalars(args.to_dict()))
         labeled_loader, unlabeled_loader = self._loaders()
         labeled_iter = iter(labeled_loader)
         unlabeled_iter = iter(unlabeled_loader) if unlabeled_loader is not None else None
@@ -454,11 +455,17 @@ class SemiSupervisedTrainer:
         processor.save_pretrained(folder)
         card = build_model_card(
             self.args.hub_model_id or name, metrics, self.data.name, self.args.labeled_percent,
-            {k: v for k, v in _scalar_config(self.args).items() if v is not None},
+            _scalars(self.args.public_dict()), base_model=self.base_model_id(),
+            dataset_id=self.args.dataset_name,
         )
         card.save(os.path.join(folder, "README.md"))
         if self.uploader is not None:
             self.uploader.push(folder, f"{name} at step {self.state.step} (AP {metrics['AP']:.4f})")
+
+    def base_model_id(self) -> str | None:
+        """The Hub id training started from (``--model_name_or_path``), or None for a local folder or scratch."""
+        start = self.args.model_name_or_path
+        return None if not start or looks_like_local_path(start) else start
 
     def _finish(self, seconds_per_step: float) -> dict:
         record = self.evaluate_and_export()
@@ -488,9 +495,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _scalar_config(args: TrainingArguments) -> dict:
+def _scalars(settings: dict) -> dict:
     """The settings that trackers and model cards can store (numbers, strings, booleans)."""
-    return {k: v for k, v in args.to_dict().items()
+    return {k: v for k, v in settings.items()
             if isinstance(v, (int, float, str, bool)) and not (isinstance(v, float) and math.isnan(v))}
 
 
