@@ -1,6 +1,7 @@
 """What the one-to-many assignment does with pseudo-labels: positives per pseudo-box, RPF duplicates, the loss
-normaliser and the classification loss, for the plain one-to-many assignment, RPF with separately matched groups
-and RPF with jointly matched groups — on the same unlabeled batches of a saved model, without training.
+normaliser and the classification loss, for the plain one-to-many assignment (Semi-DETR's top-13, and top-4 = RPF's
+k), RPF with jointly matched groups (the default) and RPF with separately matched groups (the earlier reading) —
+on the same unlabeled batches of a saved model, without training.
 
     python benchmarks/rpf_positives.py --model outputs/cpu_study2/burnin_reeval/best_model --batches 10 \\
         -- <train_ssod flags: data, model size, --pseudo_label_threshold ...>
@@ -21,8 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ablation import split_passthrough, trainer_with_batches  # noqa: E402
 
-MODES = {"one_to_many": ["--use_rpf", "false"], "rpf_separate": ["--use_rpf", "true", "--rpf_joint_matching", "false"],
-         "rpf_joint": ["--use_rpf", "true", "--rpf_joint_matching", "true"]}
+MODES = {"one_to_many": ["--use_rpf", "false"],
+         "one_to_many_top4": ["--use_rpf", "false", "--one_to_many_topk", "4"],
+         "rpf_joint": ["--use_rpf", "true", "--rpf_joint_matching", "true"],
+         "rpf_separate": ["--use_rpf", "true", "--rpf_joint_matching", "false"]}
 
 
 def measure(extra: list[str], model: str, batches: int) -> dict:

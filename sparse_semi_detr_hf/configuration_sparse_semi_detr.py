@@ -68,9 +68,10 @@ class SparseSemiDetrConfig(PretrainedConfig):
         rpf_topk (`int`, defaults to 4): positives kept per pseudo-box.
         rpf_jitter (`float`, defaults to 0.1): jitter of the augmented copies, as a fraction of the box size.
         rpf_duplicate_iou (`float`, defaults to 0.7): IoU above which a pseudo-box can be a duplicate of another.
-        rpf_joint_matching (`bool`, defaults to `False`): one-to-many side of RPF: match the m groups in one
-            assignment (H-DETR's repeated targets, each copy a distinct prediction) instead of each group separately
-            (SPEC's reading, under which the copies mostly pick the same prediction; docs/method.md).
+        rpf_joint_matching (`bool`, defaults to `True`): match the m groups of pseudo-labels in one assignment
+            (H-DETR's repeated targets, each copy a distinct prediction; SPEC §4) instead of each group separately
+            (the earlier reading, under which the copies mostly pick the same prediction; docs/method.md). Both
+            sides of RPF: the one-to-many candidates and the one-to-one duplicate rule.
         deformable_attention_backend (`str`, defaults to `"auto"`): `"auto"` (Triton kernel on CUDA when available),
             `"pytorch"` or `"triton"`; the environment variable `SPARSE_SEMI_DETR_ATTENTION_BACKEND` overrides it.
         init_std (`float`, defaults to 0.02); init_xavier_std (`float`, defaults to 1.0).
@@ -140,7 +141,7 @@ class SparseSemiDetrConfig(PretrainedConfig):
         rpf_topk: int = 4,
         rpf_jitter: float = 0.1,
         rpf_duplicate_iou: float = 0.7,
-        rpf_joint_matching: bool = False,
+        rpf_joint_matching: bool = True,
         deformable_attention_backend: str = "auto",
         init_std: float = 0.02,
         init_xavier_std: float = 1.0,

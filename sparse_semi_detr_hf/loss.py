@@ -140,7 +140,7 @@ class SetCriterion(nn.Module):
                     "beta": config.one_to_many_beta}
         self.rpf = {"groups": config.rpf_groups, "topk": config.rpf_topk, "jitter": config.rpf_jitter,
                     "alpha": config.one_to_many_alpha, "beta": config.one_to_many_beta}
-        self.rpf_joint_matching = config.rpf_joint_matching  # one-to-many side only (see rpf_duplicate_pseudo_labels)
+        self.rpf_joint_matching = config.rpf_joint_matching
         self.rpf_duplicate_iou = config.rpf_duplicate_iou
 
     @property
@@ -213,7 +213,7 @@ class SetCriterion(nn.Module):
         """RPF, one-to-one side: targets without the duplicate pseudo-boxes found on ``(B, Q, C)``/``(B, Q, 4)``."""
         duplicates = rpf_duplicate_pseudo_labels(logits.detach(), pred_boxes.detach(), targets,
                                                  duplicate_iou=self.rpf_duplicate_iou, generator=generator,
-                                                 matcher=self.matcher, **self.rpf)
+                                                 matcher=self.matcher, joint=self.rpf_joint_matching, **self.rpf)
         return [_keep(target, ~duplicate) for target, duplicate in zip(targets, duplicates)]
 
     def _layer_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict], num_boxes: Tensor, assignment: str,

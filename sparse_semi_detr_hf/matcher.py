@@ -197,19 +197,29 @@ def jitter_boxes(boxes: Tensor, groups: int, jitter: float, generator: torch.Gen
     return torch.cat([boxes[None], box_xyxy_to_cxcywh(copies)], dim=0)
 
 
+RPF_MATCHINGS = ("joint", "per_box", "separate")
+
+
 @torch.no_grad()
 def rpf_candidates(logits: Tensor, pred_boxes: Tensor, targets: list[dict], groups: int = 6, jitter: float = 0.1,
-                   generator: torch.Generator | None = None,
-                   matcher: HungarianMatcher | None = None, joint: bool = False) -> list[Tensor]:
+                   generator: torch.Generator | None = None, matcher: HungarianMatcher | None = None,
+                   joint: bool = True, matching: str | None = None) -> list[Tensor]:
     """RPF candidate sets: per image a bool ``(Q, n)``, True where prediction i was matched to a copy of box j.
 
-    ``groups`` copies of the pseudo-boxes (``jitter_boxes``: copy 0 exact, the others jittered) are each
-    Hungarian-matched *separately* against all ``Q`` predictions (``matcher``'s costs, the copy keeping its box's
-    class); the candidates of box j are the union of the predictions matched to its copies (1 to ``groups``
-    distinct predictions). Two near-identical boxes can therefore share candidates. With ``joint``, all copies form
-    one target set matched in a single assignment (H-DETR's repeated targets): every copy gets a distinct prediction
-    (while ``Q`` lasts), so box j has up to ``groups`` candidates and no two boxes share one.
+    ``groups`` copies of the pseudo-boxes (``jitter_boxes``: copy 0 exact, the others jittered), each copy keeping
+    its box's class, are Hungarian-matched against all ``Q`` predictions with ``matcher``'s costs. ``matching``:
+
+    - ``"joint"`` (``joint=True``; SPEC §4, the one-to-many side): all ``groups * n`` copies form one target set
+      matched in a single assignment (H-DETR's repeated targets): every copy gets a distinct prediction while
+      ``Q`` lasts, so box j has up to ``groups`` distinct candidates and no two boxes share one;
+    - ``"per_box"`` (the one-to-one duplicate rule): the ``groups`` copies of each box form their own assignment:
+      each box gets ``min(groups, Q)`` distinct candidates, and near-identical boxes share theirs;
+    - ``"separate"`` (``joint=False``; the earlier reading): each copy set is matched on its own; box j's
+      candidates are the union of its copies' matches (1 to ``groups``; measured: mostly the same prediction).
     """
+    matching = matching or ("joint" if joint else "separate")
+    if matching not in RPF_MATCHINGS:
+        raise ValueError(f"matching={matching!r} is not one of {RPF_MATCHINGS}.")
     matcher = matcher if matcher is not None else HungarianMatcher()
     group_targets = [
         {"class_labels": t["class_labels"].repeat(groups),
@@ -221,31 +231,49 @@ def rpf_candidates(logits: Tensor, pred_boxes: Tensor, targets: list[dict], grou
     for block, target in zip(blocks, targets):
         num_boxes = len(target["boxes"])
         member = np.zeros((logits.shape[1], num_boxes), dtype=bool)
-        # joint: one assignment over all copies; else one per copy set (columns group * n .. (group + 1) * n)
-        column_sets = [block] if joint else [block[:, g * num_boxes:(g + 1) * num_boxes] for g in range(groups)]
-        for columns in column_sets if num_boxes else []:
-            rows, cols = linear_sum_assignment(columns.numpy())
-            member[rows, cols % num_boxes] = True
+        for columns in _rpf_column_sets(num_boxes, groups, matching):  # column c is copy c // n of box c % n
+            rows, cols = linear_sum_assignment(block[:, columns].numpy())
+            member[rows, np.asarray(columns)[cols] % num_boxes] = True
         candidates.append(torch.from_numpy(member).to(logits.device))
     return candidates
 
 
-def _rpf_single(candidate: Tensor, t: Tensor, iou: Tensor, topk: int) -> tuple[Assignment, Tensor]:
-    """One image: candidates, alignment and IoU ``(Q, n)`` -> ``(Assignment, duplicate_mask (Q,))``."""
+def _rpf_column_sets(num_boxes: int, groups: int, matching: str) -> list[list[int]]:
+    """Which columns of the ``(Q, groups * n)`` copy cost matrix are solved together, one list per assignment."""
+    if num_boxes == 0:
+        return []
+    if matching == "joint":
+        return [list(range(groups * num_boxes))]
+    if matching == "per_box":
+        return [[g * num_boxes + j for g in range(groups)] for j in range(num_boxes)]
+    return [list(range(g * num_boxes, (g + 1) * num_boxes)) for g in range(groups)]
+
+
+def _rpf_single(candidate: Tensor, t: Tensor, iou: Tensor, topk: int,
+                fallback: bool = True) -> tuple[Assignment, Tensor]:
+    """One image: candidates, alignment and IoU ``(Q, n)`` -> ``(Assignment, duplicate_mask (Q,))``.
+
+    ``fallback``: a box whose candidates give fewer positives than the plain one-to-many assignment's top-k
+    (``_topk_mask(t, topk)``) takes that top-k instead, so RPF never gives a box fewer positives than the baseline.
+    """
     owned = _keep_largest_iou(candidate & (t > 0), iou)
     positive = _topk_mask(t, topk, allowed=owned)
+    if fallback:
+        baseline = _topk_mask(t, topk)
+        short = positive.sum(0) < baseline.sum(0)
+        positive = _keep_largest_iou(torch.where(short[None], baseline, positive), iou)
     return _soft_weighted(positive, t, iou), owned.any(1) & ~positive.any(1)
 
 
 @torch.no_grad()
 def rpf_assign(logits: Tensor, pred_boxes: Tensor, targets: list[dict], groups: int = 6, topk: int = 4,
                jitter: float = 0.1, alpha: float = 1.0, beta: float = 6.0, generator: torch.Generator | None = None,
-               matcher: HungarianMatcher | None = None, joint: bool = False) -> list[tuple[Assignment, Tensor]]:
+               matcher: HungarianMatcher | None = None, joint: bool = True) -> list[tuple[Assignment, Tensor]]:
     """Reliable Pseudo-Label Filtering, one-to-many side (SPEC §4, our reading). Per image:
 
     1. Candidates (``rpf_candidates``): ``groups`` copies of the pseudo-boxes (copy 0 exact, copies 1.. jittered by
-       ``jitter`` of the box size), each copy set Hungarian-matched separately against all ``Q`` predictions (or
-       all copies in one assignment with ``joint``); the candidates of box j are the predictions matched to any of
+       ``jitter`` of the box size), all copies Hungarian-matched in one assignment against the ``Q`` predictions
+       (``joint``; or each copy set separately); the candidates of box j are the predictions matched to any of
        its copies.
     2. Alignment ``t = s^alpha * IoU^beta`` against the *un-jittered* box (``s``: sigmoid probability of the box's
        class). Candidates with ``t = 0`` (no overlap) are dropped; a prediction that remains a candidate of
@@ -265,51 +293,76 @@ def rpf_assign(logits: Tensor, pred_boxes: Tensor, targets: list[dict], groups: 
             results.append((_empty_assignment(logits.device), no_duplicate))
             continue
         t, iou = _alignment(image_logits, image_boxes, target["class_labels"], target["boxes"], alpha, beta)
-        results.append(_rpf_single(candidate, t, iou, topk))
+        results.append(_rpf_single(candidate, t, iou, topk, fallback=joint))
     return results
 
 
+def _ranked_ahead(scores: Tensor) -> Tensor:
+    """``(n,)`` scores -> bool ``(n, n)``, ``[i, j]`` True when box i ranks ahead of box j (higher score; ties: index)."""
+    index = torch.arange(len(scores), device=scores.device)
+    return (scores[:, None] > scores[None]) | ((scores[:, None] == scores[None]) & (index[:, None] < index[None]))
+
+
+def _shared_top_k(candidate: Tensor, t: Tensor, topk: int) -> Tensor:
+    """Separate matching: ``[i, j]`` True when box j's top-k candidates (non-empty) all are candidates of box i."""
+    top = _topk_mask(t, topk, allowed=candidate)  # P_j: box j's own top-k, before conflict resolution
+    shared = candidate.T.float() @ top.float()  # (n, n): |C_i ∩ P_j|
+    return (shared == top.sum(0)[None]) & top.any(0)[None]
+
+
+def _claims_best_prediction(candidate: Tensor, t: Tensor) -> Tensor:
+    """Joint matching: ``[i, j]`` True when box j's best prediction (largest ``t > 0`` over all predictions) is one
+    of box i's candidates (a positive or a duplicate of i)."""
+    best_t, best = t.max(0)
+    return candidate[best].T & (best_t > 0)[None]
+
+
 def duplicates_from_candidates(candidate: Tensor, t: Tensor, target: dict, topk: int = 4,
-                               duplicate_iou: float = 0.7) -> Tensor:
+                               duplicate_iou: float = 0.7, joint: bool = False) -> Tensor:
     """One image: candidates and alignment ``(Q, n)`` -> bool ``(n,)``, True for the pseudo-boxes to drop.
 
-    The rule of ``rpf_duplicate_pseudo_labels`` on given candidate sets (``target`` needs ``scores``).
+    The rule of ``rpf_duplicate_pseudo_labels`` on given candidate sets (``target`` needs ``scores``): box j is
+    dropped when a box i ranked ahead of it, of the same class and with ``IoU(i, j) >= duplicate_iou`` claims what
+    fits j — with ``joint`` (per-box candidate sets), j's best prediction is one of i's candidates; with separately
+    matched ones, all of j's top-k candidates are candidates of i.
     """
     if "scores" not in target:
         raise ValueError("rpf_duplicate_pseudo_labels needs pseudo-label targets with 'scores'.")
-    top = _topk_mask(t, topk, allowed=candidate)  # P_j: box j's own top-k, before conflict resolution
-    shared = candidate.T.float() @ top.float()  # (n, n): |C_i ∩ P_j|
-    covered = (shared == top.sum(0)[None]) & top.any(0)[None]
+    claims = _claims_best_prediction(candidate, t) if joint else _shared_top_k(candidate, t, topk)
     boxes = box_cxcywh_to_xyxy(target["boxes"].float())
     overlap = box_iou(boxes, boxes) >= duplicate_iou
-    labels, scores = target["class_labels"], target["scores"]
-    index = torch.arange(len(scores), device=scores.device)
-    ahead = (scores[:, None] > scores[None]) | ((scores[:, None] == scores[None]) & (index[:, None] < index[None]))
+    labels = target["class_labels"]
     same_class = labels[:, None] == labels[None]
-    return (covered & overlap & same_class & ahead).any(0)
+    return (claims & overlap & same_class & _ranked_ahead(target["scores"])).any(0)
 
 
 @torch.no_grad()
 def rpf_duplicate_pseudo_labels(logits: Tensor, pred_boxes: Tensor, targets: list[dict], groups: int = 6,
                                 topk: int = 4, jitter: float = 0.1, alpha: float = 1.0, beta: float = 6.0,
                                 duplicate_iou: float = 0.7, generator: torch.Generator | None = None,
-                                matcher: HungarianMatcher | None = None) -> list[Tensor]:
+                                matcher: HungarianMatcher | None = None, joint: bool = True) -> list[Tensor]:
     """Reliable Pseudo-Label Filtering, one-to-one side (SPEC §4, our reading): which pseudo-boxes are duplicates.
 
-    With candidate sets ``C_j`` as in ``rpf_assign`` (before any conflict resolution) and ``P_j`` = the ``topk``
-    candidates of box j of largest ``t = s^alpha * IoU^beta`` (against box j, ``t > 0``), pseudo-box j is a
+    Candidate sets ``C_j`` from ``rpf_candidates``; ``t = s^alpha * IoU^beta`` against box j. Pseudo-box j is a
     duplicate when some pseudo-box i ranked ahead of it (higher ``scores``; equal scores: lower index) has the same
-    class, ``IoU(i, j) >= duplicate_iou`` and ``P_j`` non-empty and contained in ``C_i``: everything that fits j
-    is also claimed by i. The test is against every box ranked ahead, dropped or not (no NMS-style chaining).
-    Targets must carry ``scores (n,)``. Returns per image a bool ``(n,)`` mask, True = drop. The candidate sets are
-    always matched separately: jointly matched boxes share none, so this rule would never fire.
+    class, ``IoU(i, j) >= duplicate_iou`` and claims what fits j:
+
+    - ``joint`` (default): candidate sets matched ``"per_box"`` (box i's m copies in one assignment: its m
+      distinct nearest predictions, its top-k positives and "remaining predictions"); j's best prediction
+      (largest ``t > 0`` over all predictions) is in ``C_i``. (The global joint assignment of the one-to-many side
+      cannot be used here: it gives j its own candidates, so two copies of one object never share any.)
+    - separate matching: j's top-k candidates ``P_j`` are non-empty and all in ``C_i``.
+
+    The test is against every box ranked ahead, dropped or not (no NMS-style chaining). Targets must carry
+    ``scores (n,)``. Returns per image a bool ``(n,)`` mask, True = drop.
     """
-    candidates = rpf_candidates(logits, pred_boxes, targets, groups, jitter, generator, matcher)
+    candidates = rpf_candidates(logits, pred_boxes, targets, groups, jitter, generator, matcher,
+                                matching="per_box" if joint else "separate")
     masks = []
     for image_logits, image_boxes, target, candidate in zip(logits, pred_boxes, targets, candidates):
         if candidate.shape[1] == 0:
             masks.append(torch.zeros(0, dtype=torch.bool, device=logits.device))
             continue
         t, _ = _alignment(image_logits, image_boxes, target["class_labels"], target["boxes"], alpha, beta)
-        masks.append(duplicates_from_candidates(candidate, t, target, topk, duplicate_iou))
+        masks.append(duplicates_from_candidates(candidate, t, target, topk, duplicate_iou, joint))
     return masks

@@ -248,9 +248,12 @@ def test_rpf_positives_reports_each_assignment_on_the_same_batches(tmp_path):
          "--backbone", "test_resnet", "--d_model", "32", "--encoder_layers", "1", "--decoder_layers", "1",
          "--ffn_dim", "64", "--attention_heads", "2", "--num_queries", "20", "--num_denoising_queries", "0"])
     boxes = {mode: r["pseudo_boxes_per_call"] for mode, r in report.items()}
-    assert set(report) == {"one_to_many", "rpf_separate", "rpf_joint"} and len(set(boxes.values())) == 1
-    assert boxes["one_to_many"] > 0 and report["one_to_many"]["duplicates_per_box"] == 0
+    assert set(report) == {"one_to_many", "one_to_many_top4", "rpf_separate", "rpf_joint"}
+    assert len(set(boxes.values())) == 1 and boxes["one_to_many"] > 0
+    assert report["one_to_many"]["duplicates_per_box"] == 0 and report["one_to_many_top4"]["duplicates_per_box"] == 0
     assert report["rpf_separate"]["positives_per_box"] <= 4 and report["rpf_joint"]["positives_per_box"] <= 4
+    assert report["one_to_many_top4"]["positives_per_box"] <= report["one_to_many"]["positives_per_box"]
+    assert report["rpf_joint"]["positives_per_box"] >= report["one_to_many_top4"]["positives_per_box"]
 
 
 def test_seed_table_reads_finished_and_interrupted_runs_at_common_steps(tmp_path):

@@ -288,7 +288,8 @@ def test_duplicates_from_candidates_hand_made():
     assert not duplicates_from_candidates(candidate, t, target, topk=2, duplicate_iou=0.99).any()
 
 
-def test_rpf_duplicate_pseudo_labels_drops_lower_scoring_copy_end_to_end():
+@pytest.mark.parametrize("joint", [True, False])
+def test_rpf_duplicate_pseudo_labels_drops_lower_scoring_copy_end_to_end(joint):
     # pseudo-boxes: A (0.9) and its near copy A' (0.6), same class; B: same place, another class; C elsewhere
     box_a = [0.5, 0.5, 0.3, 0.3]
     target = {"class_labels": torch.tensor([0, 0, 1, 0]), "scores": torch.tensor([0.9, 0.6, 0.7, 0.8]),
@@ -299,7 +300,7 @@ def test_rpf_duplicate_pseudo_labels_drops_lower_scoring_copy_end_to_end():
     logits[0, :2, 0] = 3.0   # p0, p1: confident class 0 around A
     logits[0, 2, 1] = 3.0    # p2: class 1 at the same place
     logits[0, 3, 0] = 3.0    # p3: C
-    (drop,) = rpf_duplicate_pseudo_labels(logits, boxes, [target], groups=12, topk=4, jitter=0.3,
+    (drop,) = rpf_duplicate_pseudo_labels(logits, boxes, [target], groups=12, topk=4, jitter=0.3, joint=joint,
                                           duplicate_iou=0.7, generator=torch.Generator().manual_seed(0))
     assert drop.tolist() == [False, True, False, False]
 
@@ -320,3 +321,115 @@ def test_rpf_joint_matching_gives_each_copy_its_own_prediction():
                                             generator=torch.Generator().manual_seed(0), **kwargs)
     assert len(assignment.pred_idx) <= 8 and not set(assignment.pred_idx.tolist()) & set(
         duplicate.nonzero()[:, 0].tolist())
+
+
+# ---------------------------------------------------------------- RPF, joint matching (SPEC §4 revised, default)
+
+
+def near_prediction_problem(predictions_near: int, seed: int = 0):
+    """One pseudo-box with ``predictions_near`` predictions scattered tightly around it, 10 far ones."""
+    generator = torch.Generator().manual_seed(seed)
+    box = torch.tensor([[0.5, 0.5, 0.3, 0.3]])
+    near = box + torch.cat([torch.rand(predictions_near, 2, generator=generator) * 0.04 - 0.02,
+                            torch.rand(predictions_near, 2, generator=generator) * 0.04 - 0.02], dim=1)
+    far = torch.tensor([[0.05 + 0.09 * i, 0.05, 0.04, 0.04] for i in range(10)])
+    boxes = torch.cat([near, far])[None]
+    logits = torch.randn(1, len(boxes[0]), 2, generator=generator)
+    targets = [{"class_labels": torch.tensor([0]), "boxes": box, "scores": torch.tensor([0.9])}]
+    return logits, boxes, targets
+
+
+@pytest.mark.parametrize("near", [6, 8])
+def test_joint_rpf_gives_k_positives_when_m_predictions_are_near(near):
+    logits, boxes, targets = near_prediction_problem(near)
+    ((assignment, duplicate),) = rpf_assign(logits, boxes, targets, groups=6, topk=4,
+                                            generator=torch.Generator().manual_seed(0))
+    assert len(assignment.pred_idx) == 4 and set(assignment.pred_idx.tolist()) <= set(range(near))
+    assert int(duplicate.sum()) == 2 and not duplicate[near:].any()  # the other 2 of the 6 matched: duplicates
+    (baseline,) = one_to_many_assign(logits, boxes, targets, topk=4)
+    assert len(baseline.pred_idx) == 4
+    # the separately matched reading gives fewer here (copies pick the same predictions)
+    ((separate, _),) = rpf_assign(logits, boxes, targets, groups=6, topk=4, joint=False,
+                                  generator=torch.Generator().manual_seed(0))
+    assert len(separate.pred_idx) <= 4
+
+
+def _positives_per_box(assignment, num_boxes: int) -> list[int]:
+    return torch.bincount(assignment.tgt_idx, minlength=num_boxes).tolist()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_joint_rpf_never_gives_a_box_fewer_positives_than_the_baseline(seed):
+    """Pseudo-boxes apart from each other (a prediction can overlap only one), random predictions, m = 6 > k = 4:
+    per box, RPF's positives >= those of the plain one-to-many assignment at the same k."""
+    generator = torch.Generator().manual_seed(seed)
+    cells = torch.randperm(9, generator=generator)[: int(torch.randint(1, 6, (1,), generator=generator))]
+    centres = torch.stack([(cells % 3) * 0.33 + 0.17, (cells // 3) * 0.33 + 0.17], dim=1)
+    boxes = torch.cat([centres, torch.full_like(centres, 0.12)], dim=1)
+    pred_centres = centres.repeat_interleave(8, 0) + torch.randn(len(cells) * 8, 2, generator=generator) * 0.04
+    pred_sizes = 0.12 * (1 + torch.randn(len(cells) * 8, 2, generator=generator) * 0.2).clamp(0.6, 1.4)
+    pred_boxes = torch.cat([pred_centres, pred_sizes], dim=1)[None]
+    logits = torch.randn(1, len(pred_boxes[0]), 3, generator=generator)
+    targets = [{"class_labels": torch.randint(3, (len(cells),), generator=generator), "boxes": boxes}]
+    ((rpf, _),) = rpf_assign(logits, pred_boxes, targets, groups=6, topk=4, generator=generator)
+    (baseline,) = one_to_many_assign(logits, pred_boxes, targets, topk=4)
+    rpf_counts, baseline_counts = _positives_per_box(rpf, len(cells)), _positives_per_box(baseline, len(cells))
+    assert all(r >= b for r, b in zip(rpf_counts, baseline_counts)), (rpf_counts, baseline_counts)
+
+
+def test_joint_rpf_falls_back_to_the_baseline_when_its_candidates_miss_the_box():
+    """Class cost only: the joint assignment picks the confident far predictions for the box's copies; the box
+    then takes the plain top-k instead of having fewer positives."""
+    logits, boxes, targets = near_prediction_problem(5, seed=3)
+    logits[0, :5, 0] = -6.0
+    logits[0, 5:, 0] = 6.0
+    class_only = HungarianMatcher(class_cost=1.0, bbox_cost=0.0, giou_cost=0.0)
+    (candidate,) = rpf_candidates(logits, boxes, targets, groups=6, generator=torch.Generator().manual_seed(0),
+                                  matcher=class_only)
+    assert not candidate[:5].any()  # every copy went to a far prediction (t = 0 against the box)
+    ((assignment, _),) = rpf_assign(logits, boxes, targets, groups=6, topk=4, matcher=class_only,
+                                    generator=torch.Generator().manual_seed(0))
+    (baseline,) = one_to_many_assign(logits, boxes, targets, topk=4)
+    assert sorted(assignment.pred_idx.tolist()) == sorted(baseline.pred_idx.tolist()) and len(baseline.pred_idx) == 4
+
+
+def test_per_box_candidates_let_near_copies_share_predictions():
+    logits, boxes, targets = random_problem(1, 20, 3, [3], seed=5)
+    targets[0]["boxes"][1] = targets[0]["boxes"][0] + 0.005
+    (per_box,) = rpf_candidates(logits, boxes, targets, groups=6, matching="per_box",
+                                generator=torch.Generator().manual_seed(0))
+    assert per_box.sum(0).tolist() == [6, 6, 6] and (per_box[:, 0] & per_box[:, 1]).sum() >= 3
+    with pytest.raises(ValueError, match="matching"):
+        rpf_candidates(logits, boxes, targets, matching="bogus")
+
+
+def test_joint_duplicate_rule_hand_made():
+    # boxes 0 (score .9) and 1 (.6): same class, IoU > 0.9; 2: same place, other class; 3 elsewhere
+    target = {"class_labels": torch.tensor([0, 0, 1, 0]), "scores": torch.tensor([0.9, 0.6, 0.95, 0.8]),
+              "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3], [0.51, 0.5, 0.3, 0.3], [0.5, 0.5, 0.3, 0.3],
+                                     [0.1, 0.1, 0.1, 0.1]])}
+    candidate = torch.zeros(6, 4, dtype=torch.bool)
+    candidate[[0, 1, 2], 0] = True
+    candidate[[3], 1] = True
+    candidate[[0, 1, 2], 2] = True
+    candidate[[5], 3] = True
+    t = torch.full((6, 4), 0.1)
+    t[1, 1] = 0.9  # box 1's best prediction p1 is one of box 0's candidates -> box 1 is a duplicate of box 0
+    assert duplicates_from_candidates(candidate, t, target, duplicate_iou=0.7, joint=True).tolist() == [
+        False, True, False, False]
+    t[3, 1] = 0.95  # box 1's best prediction is its own -> kept
+    assert not duplicates_from_candidates(candidate, t, target, duplicate_iou=0.7, joint=True).any()
+    t[3, 1], t[:, 1] = 0.1, 0.0  # nothing overlaps box 1 at all -> no evidence, kept
+    assert not duplicates_from_candidates(candidate, t, target, duplicate_iou=0.7, joint=True).any()
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_duplicate_rule_keeps_two_apart_objects_of_one_class(joint):
+    target = {"class_labels": torch.tensor([0, 0]), "scores": torch.tensor([0.9, 0.6]),
+              "boxes": torch.tensor([[0.3, 0.5, 0.2, 0.2], [0.7, 0.5, 0.2, 0.2]])}
+    boxes = torch.tensor([[0.3, 0.5, 0.2, 0.2], [0.31, 0.5, 0.2, 0.2], [0.7, 0.5, 0.2, 0.2], [0.69, 0.5, 0.2, 0.2]])
+    logits = torch.full((1, 4, 2), -4.0)
+    logits[0, :, 0] = 3.0
+    (drop,) = rpf_duplicate_pseudo_labels(logits, boxes[None], [target], groups=6, topk=4, joint=joint,
+                                          generator=torch.Generator().manual_seed(0))
+    assert drop.tolist() == [False, False]

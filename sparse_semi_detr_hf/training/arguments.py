@@ -132,7 +132,8 @@ class TrainingArguments:
     rpf_jitter: float | None = field(default=None, metadata={"help": "RPF jitter of augmented copies."})
     rpf_duplicate_iou: float | None = field(default=None, metadata={"help": "RPF duplicate IoU."})
     rpf_joint_matching: bool | None = field(default=None, metadata={
-        "help": "RPF one-to-many side: match the m groups jointly (distinct predictions per copy)."})
+        "help": "RPF: match the m groups of pseudo-labels in one assignment (distinct predictions per copy; "
+                "default) or each group separately (false)."})
     pseudo_label_threshold: float | None = field(default=None, metadata={"help": "Teacher score threshold tau."})
     qrm_attention_on: str | None = field(default=None, metadata={"help": "QRM attention: low|high|both|none."})
     qrm_use_similarity: bool | None = field(default=None, metadata={"help": "QRM similarity step."})
