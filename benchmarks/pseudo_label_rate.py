@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ablation import split_passthrough  # noqa: E402
+from study import split_passthrough  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ablation import split_passthrough, trainer_with_batches  # noqa: E402
+from study import split_passthrough, trainer_with_batches  # noqa: E402
 
 
 def trace(extra: list[str], steps: int, window: int) -> list[dict]:

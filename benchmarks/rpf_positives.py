@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ablation import split_passthrough, trainer_with_batches  # noqa: E402
+from study import split_passthrough, trainer_with_batches  # noqa: E402
 
 MODES = {"one_to_many": ["--use_rpf", "false"],
          "one_to_many_top4": ["--use_rpf", "false", "--one_to_many_topk", "4"],

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The commands that produced the H100 figures in docs/ (run from the repository root on the GPU machine).
-# Usage: bash benchmarks/run_h100.sh STAGE...   stages: setup kernel bench semi study smoke
+# Usage: bash benchmarks/run_h100.sh STAGE...   stages: setup kernel bench semi
 # Wheels for packages the GPU image lacks (datasets, pycocotools, ...) are expected in .whl/ (see docs/performance.md).
 set -uo pipefail
 OUT=${OUT:-outputs/h100}
@@ -23,9 +23,5 @@ for stage in "$@"; do
       timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_model.py --device cuda --steps 5 --warmup 2 --output "$OUT/bench_h100.json" 2>&1 | tail -30 ;;
     semi)
       timeout ${SEMI_TIMEOUT:-80} python3 benchmarks/bench_model.py --device cuda --semi --skip_anchor --skip_inference --backends triton --steps 5 --warmup 2 --output "$OUT/bench_semi_h100.json" 2>&1 | tail -12 ;;
-    smoke)
-      timeout ${SMOKE_TIMEOUT:-170} python3 benchmarks/synthetic_study.py --output_dir "$OUT/smoke" --burnin_steps 20 --steps 20 --seeds 0 --parallel 6 -- $STUDY_ARGS 2>&1 | tail -20 ;;
-    study)
-      timeout ${STUDY_TIMEOUT:-560} python3 benchmarks/synthetic_study.py --output_dir "$OUT/study" --burnin_steps "$BURNIN" --steps "$STEPS" --seeds 0,1,2 --single_seed_variants semi_detr,qrm_only,rpf_only --parallel 12 -- $STUDY_ARGS 2>&1 | tail -20 ;;
   esac
 done

@@ -10,6 +10,7 @@ Every flag is a field of ``sparse_semi_detr_hf.training.arguments.TrainingArgume
 """
 
 import logging
+import os
 import sys
 
 from transformers import HfArgumentParser
@@ -24,16 +25,37 @@ def parse_args(argv=None) -> TrainingArguments:
     return args
 
 
+def summary(results: dict, output_dir: str) -> str:
+    """What the run achieved, in a few lines: start and end AP of the teacher and student, the best model."""
+    history, lines = results.get("history") or [], []
+    if history:
+        start, end = history[0], history[-1]
+        for who in ("teacher", "student"):
+            line = f"{who} AP (x100): "
+            if start is not end:
+                line += f"{100 * start[who]['AP']:.1f} at step {start['step']} -> "
+            lines.append(line + f"{100 * end[who]['AP']:.1f} at step {end['step']} (AP50 {100 * end[who]['AP50']:.1f})")
+    if results.get("test"):
+        test = results["test"]
+        lines.append(f"test set ({test['images']} images): teacher AP {100 * test['teacher']['AP']:.1f}, "
+                     f"student AP {100 * test['student']['AP']:.1f}")
+    best = results.get("best") or {}
+    if best:
+        lines.append(f"best: {best['model']} at step {best['step']} (AP {100 * best['metrics']['AP']:.1f}) -> "
+                     f"{os.path.join(output_dir, 'best_model')}")
+    picture = os.path.join(output_dir, "teacher_detections.png")
+    if os.path.isfile(picture):
+        lines.append(f"teacher detections beside the ground truth: {picture}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
-    results = SemiSupervisedTrainer(args).train()
-    best = results.get("best") or {}
-    if best:
-        logging.getLogger("train_ssod").info(
-            "best %s model at step %s: %s", best["model"], best["step"],
-            {k: round(v, 4) for k, v in best["metrics"].items()},
-        )
+    trainer = SemiSupervisedTrainer(args)
+    results = trainer.train()
+    if trainer.accelerator.is_main_process:
+        print(summary(results, args.output_dir), flush=True)
     return results
 
 

@@ -87,8 +87,11 @@ class SparseSemiDetrModelOutput(ModelOutput):
         encoder_last_hidden_state: ``(B, S, D)``.
         enc_outputs_class / enc_outputs_coord: ``(B, K, C)`` / ``(B, K, 4)`` selected encoder proposals.
         init_reference_points: ``(B, K, 4)`` detached initial anchors.
-        dn_logits / dn_boxes: ``(num_layers, B, Ndn, C | 4)`` denoising outputs; denoising_meta: their layout.
-        extra_group_outputs: one ``GroupOutput`` per extra query group.
+        dn_logits / dn_boxes: ``(num_layers, B, Ndn, C | 4)`` denoising outputs.
+
+    Attributes that are not output fields (internal state, not in ``to_tuple()``):
+        denoising_meta: the ``DenoisingMeta`` layout of the denoising outputs (or None).
+        extra_group_outputs: one ``GroupOutput`` per extra query group (or None).
         encoder_state: the ``EncoderState`` (reusable for another ``decode``).
     """
 
@@ -102,9 +105,11 @@ class SparseSemiDetrModelOutput(ModelOutput):
     init_reference_points: Tensor | None = None
     dn_logits: Tensor | None = None
     dn_boxes: Tensor | None = None
-    denoising_meta: DenoisingMeta | None = None
-    extra_group_outputs: list | None = None
-    encoder_state: EncoderState | None = None
+    # Internal state for the trainer, set as plain attributes (not output fields: left out of ``to_tuple()``,
+    # ``keys()`` and what ``transformers.Trainer`` gathers, which must be tensors).
+    denoising_meta = None
+    extra_group_outputs = None
+    encoder_state = None
 
 
 @dataclass
@@ -136,9 +141,11 @@ class SparseSemiDetrObjectDetectionOutput(ModelOutput):
     init_reference_points: Tensor | None = None
     dn_logits: Tensor | None = None
     dn_boxes: Tensor | None = None
-    denoising_meta: DenoisingMeta | None = None
-    extra_group_outputs: list | None = None
-    encoder_state: EncoderState | None = None
+    # Internal state for the trainer, set as plain attributes (not output fields: left out of ``to_tuple()``,
+    # ``keys()`` and what ``transformers.Trainer`` gathers, which must be tensors).
+    denoising_meta = None
+    extra_group_outputs = None
+    encoder_state = None
 
 
 class SparseSemiDetrPreTrainedModel(PreTrainedModel):
@@ -304,7 +311,12 @@ class SparseSemiDetrModel(SparseSemiDetrPreTrainedModel):
         output = _model_output(
             SparseSemiDetrModelOutput, state, decoded, intermediate_hidden_states=decoded.hidden_states
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if _return_dict(self.config, return_dict) else output.to_tuple()
+
+
+def _return_dict(config, return_dict: bool | None) -> bool:
+    """The call's ``return_dict``, else the config's (``config.return_dict``, True by default)."""
+    return return_dict if return_dict is not None else getattr(config, "return_dict", True)
 
 
 def _split_decoder_outputs(hidden, logits, boxes, groups, dn_meta) -> DecoderState:
@@ -320,7 +332,7 @@ def _split_decoder_outputs(hidden, logits, boxes, groups, dn_meta) -> DecoderSta
 
 
 def _model_output(output_class, state: EncoderState, decoded: DecoderState, **extra):
-    return output_class(
+    output = output_class(
         last_hidden_state=decoded.hidden_states[-1],
         intermediate_logits=decoded.logits,
         intermediate_boxes=decoded.boxes,
@@ -330,11 +342,11 @@ def _model_output(output_class, state: EncoderState, decoded: DecoderState, **ex
         init_reference_points=state.anchors,
         dn_logits=decoded.dn_logits,
         dn_boxes=decoded.dn_boxes,
-        denoising_meta=decoded.dn_meta,
-        extra_group_outputs=decoded.groups or None,
-        encoder_state=state,
         **extra,
     )
+    output.denoising_meta, output.extra_group_outputs = decoded.dn_meta, decoded.groups or None
+    output.encoder_state = state
+    return output
 
 
 class SparseSemiDetrForObjectDetection(SparseSemiDetrPreTrainedModel):
@@ -399,4 +411,4 @@ class SparseSemiDetrForObjectDetection(SparseSemiDetrPreTrainedModel):
             logits=decoded.logits[-1], pred_boxes=decoded.boxes[-1], auxiliary_outputs=auxiliary,
             decoder_hidden_states=decoded.hidden_states,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if _return_dict(self.config, return_dict) else output.to_tuple()

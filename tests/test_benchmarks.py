@@ -137,15 +137,6 @@ def _save_tiny_model(path, **overrides) -> None:
     SparseSemiDetrForObjectDetection(config).save_pretrained(path)
 
 
-def test_ablation_jobs_put_every_seed_of_the_main_variants_first():
-    ablation = _load("ablation")
-    jobs = ablation.select_jobs("supervised,qrm_only,sparse_semi_detr", "3,4", "qrm_only")
-    assert jobs == [("supervised", 3), ("sparse_semi_detr", 3), ("supervised", 4), ("sparse_semi_detr", 4),
-                    ("qrm_only", 3)]
-    assert ablation.split_passthrough(["--seeds", "0", "--", "--max_steps", "5"]) == (["--seeds", "0"],
-                                                                                      ["--max_steps", "5"])
-
-
 def test_pseudo_label_rate_reads_only_the_teacher_on_unlabeled_images(tmp_path):
     """The tau calibration on a tiny random model: counts fall as tau rises; labeled boxes come from the split."""
     _save_tiny_model(tmp_path / "model", qrm_reduced_dim=16, qrm_attention_heads=2)
@@ -195,49 +186,6 @@ def test_pseudo_label_rate_reports_precision_against_hidden_annotations(tmp_path
     assert hidden[0.99] == {"precision": None, "recall": 0.0}
 
 
-def test_history_table_lines_up_chained_runs_and_marks_unfair_evaluations(tmp_path):
-    """Offsets shift chained runs onto total steps; a step-T1 evaluation in the one-to-one stage is marked."""
-    table = _load("history_table")
-
-    def write(name, t1, history):
-        path = tmp_path / f"{name}.json"
-        metrics = lambda ap: {"AP": ap}  # noqa: E731
-        path.write_text(json.dumps({"args": {"one_to_many_steps": t1}, "history": [
-            {"step": s, "stage": stage, "teacher": metrics(t), "student": metrics(u)} for s, stage, t, u in history]}))
-        return str(path)
-
-    start = write("start", 10, [(5, "one_to_many", 0.01, 0.02), (10, "one_to_one", 0.03, 0.04)])
-    more = write("more", 20, [(10, "one_to_many", 0.05, 0.06), (20, "one_to_many", 0.07, 0.08)])
-    other = write("other", 5, [(10, "one_to_one", 0.09, 0.1)])
-    assert table.parse_run("a=x/r.json+10") == ("a", "x/r.json", 10)
-    assert table.parse_run("a=x+y/r.json") == ("a", "x+y/r.json", 0)
-    rows = table.main([f"10 %={start}", f"10 %={more}+10", f"100 %={other}"]).splitlines()[2:]
-    assert rows == ["| 5 | 1.0 / 2.0 | – |", "| 10 | 3.0 / 4.0* | 9.0 / 10.0 |", "| 20 | 5.0 / 6.0 | – |",
-                    "| 30 | 7.0 / 8.0 | – |"]
-    with pytest.raises(ValueError, match="label=path"):
-        table.parse_run("no_label")
-
-
-def test_ablation_reuses_finished_runs_and_never_reports_stale_results(tmp_path, monkeypatch):
-    ablation = _load("ablation")
-    run_dir = tmp_path / "supervised_seed0"
-    run_dir.mkdir()
-    (run_dir / "results.json").write_text(json.dumps({"final": {"teacher": {"AP": 0.5}}, "seconds_per_step": 0.1}))
-    args = types.SimpleNamespace(output_dir=str(tmp_path), labeled_percent=10.0, reuse_finished=True)
-
-    def must_not_train(*a, **k):
-        raise AssertionError("a finished run was trained again")
-
-    monkeypatch.setattr(ablation.subprocess, "run", must_not_train)
-    record = ablation.run_one("supervised", 0, args, [])
-    assert record["reused"] and record["final"]["teacher"]["AP"] == 0.5 and record["seconds_per_step"] == 0.1
-
-    args.reuse_finished = False  # a new run that fails must not report the old results.json
-    monkeypatch.setattr(ablation.subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=1))
-    record = ablation.run_one("supervised", 0, args, [])
-    assert record["returncode"] == 1 and "final" not in record and not (run_dir / "results.json").exists()
-
-
 def test_rpf_positives_reports_each_assignment_on_the_same_batches(tmp_path):
     _save_tiny_model(tmp_path / "model", query_mode="none")
     report = _load("rpf_positives").main(
@@ -256,32 +204,6 @@ def test_rpf_positives_reports_each_assignment_on_the_same_batches(tmp_path):
     assert report["rpf_joint"]["positives_per_box"] >= report["one_to_many_top4"]["positives_per_box"]
 
 
-def test_seed_table_reads_finished_and_interrupted_runs_at_common_steps(tmp_path):
-    """results.json histories and the log lines of a run stopped at a deadline; only steps every seed reached."""
-    seed_table = _load("seed_table")
-    finished, stopped = tmp_path / "a_seed0", tmp_path / "a_seed1"
-    finished.mkdir(), stopped.mkdir()
-    finished.joinpath("results.json").write_text(json.dumps({"history": [
-        {"step": s, "teacher": {"AP": t}, "student": {"AP": u}} for s, t, u in [(10, 0.1, 0.2), (20, 0.3, 0.4)]]}))
-    stopped.joinpath("log.txt").write_text(
-        "train: 5%|\r2026 INFO trainer: step 10: student AP 0.4000, teacher AP 0.3000\rtrain: 60%|")
-    table = seed_table.main([f"a={finished},{stopped}", "--json", str(tmp_path / "s.json")])
-    assert list(table["a"]) == [10]  # step 20 only in one run
-    teacher = table["a"][10]["teacher"]
-    assert teacher["n"] == 2 and teacher["mean"] == pytest.approx(20.0)
-    assert teacher["std"] == pytest.approx(14.142, abs=1e-3)
-    assert table["a"][10]["student"]["values"] == pytest.approx([20.0, 40.0])
-    assert json.loads((tmp_path / "s.json").read_text())["summary"]["a"]["10"]["teacher"]["n"] == 2
-    assert "| 10 | 20.0 ± 14.1 (2) |" in seed_table.markdown(table, "teacher")
-    resumed = tmp_path / "a_seed1_more"
-    resumed.mkdir()
-    resumed.joinpath("log.txt").write_text("step 20: student AP 0.5000, teacher AP 0.6000")
-    table = seed_table.main([f"a={finished},{stopped}+{resumed}"])
-    assert list(table["a"]) == [10, 20] and table["a"][20]["teacher"]["values"] == pytest.approx([30.0, 60.0])
-    with pytest.raises(ValueError, match="label=run_dir"):
-        seed_table.parse_arm("nolabel")
-
-
 def test_pseudo_label_trace_follows_the_ema_setting(tmp_path):
     """Windows of the training steps with their mean pseudo-label count and the EMA momentum actually used."""
     _save_tiny_model(tmp_path / "model", qrm_reduced_dim=16, qrm_attention_heads=2)
@@ -296,3 +218,102 @@ def test_pseudo_label_trace_follows_the_ema_setting(tmp_path):
     assert [row["ema_momentum"] for row in rows] == [0.9, 0.9]  # a loaded model: no warm-up by default
     warm = tracer.main(["--steps", "2", "--window", "2", "--", *common, "--ema_warmup", "true"])
     assert warm[0]["ema_momentum"] == pytest.approx(1 - 1 / 3)  # the warm-up at the second update
+
+
+# ---------------------------------------------------------------- benchmarks/study.py
+
+
+def _write_results(run_dir: Path, history: list[tuple], test: dict | None = None) -> None:
+    """A results.json with evaluations ``(step, teacher AP, student AP, pseudo-labels per image)``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = lambda ap: {"AP": ap, "AP50": 2 * ap, "APs": ap / 2}  # noqa: E731
+    records = [{"step": s, "teacher": metrics(t), "student": metrics(u), "pseudo_labels_per_image": p}
+               for s, t, u, p in history]
+    run_dir.joinpath("results.json").write_text(json.dumps({"history": records, "test": test}))
+
+
+def test_study_passthrough_and_arm_flags():
+    study = _load("study")
+    assert study.split_passthrough(["--seeds", "0", "--", "--max_steps", "5"]) == (["--seeds", "0"],
+                                                                                   ["--max_steps", "5"])
+    args = types.SimpleNamespace(output_dir="out", preset="p", labeled_percent=10.0, steps=8, eval_every=None)
+    flags = study.arm_flags(args, ["--unsup_weight", "1.0", "--query_mode", "none"], "qrm_only", 2)
+    # the arm's own flags come after the shared ones (argparse keeps the last value of a repeated flag)
+    assert flags.index("refined") > flags.index("none") and flags[-2:] == ["--seed", "2"]
+    assert flags[flags.index("--eval_steps") + 1] == "2" and "out/burnin/best_model" in flags
+
+
+def test_study_runner_reuses_finished_runs_and_never_reports_stale_results(tmp_path, monkeypatch):
+    study = _load("study")
+    run_dir = tmp_path / "run"
+    _write_results(run_dir, [(0, 0.1, 0.1, None)])
+
+    def must_not_train(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(study.subprocess, "Popen", must_not_train)
+    assert study.Runner().run(str(run_dir), [])["reused"]
+
+    class Failing:
+        def __init__(self, *a, **k):
+            pass
+
+        def wait(self, timeout=None):
+            return 1
+
+    monkeypatch.setattr(study.subprocess, "Popen", Failing)
+    record = study.Runner(fresh=True).run(str(run_dir), [])
+    assert record["returncode"] == 1 and not (run_dir / "results.json").exists()
+
+
+def test_study_tables_read_finished_and_stopped_runs(tmp_path):
+    """Curves at the steps every seed reached (a stopped run's log lines count), test metrics only when every
+    seed has them, mean ± sample std."""
+    study = _load("study")
+    test = lambda ap: {"step": 20, "images": 30, "teacher": {"AP": ap, "AP50": 0.5, "APs": 0.1},  # noqa: E731
+                       "student": {"AP": ap / 2, "AP50": 0.4, "APs": 0.1}}
+    _write_results(tmp_path / "a_seed0", [(0, 0.1, 0.1, None), (10, 0.2, 0.3, 2.0), (20, 0.3, 0.4, 1.0)], test(0.3))
+    _write_results(tmp_path / "a_seed1", [(0, 0.1, 0.1, None), (10, 0.4, 0.5, 4.0), (20, 0.5, 0.6, 3.0)], test(0.5))
+    stopped = tmp_path / "b_seed0"
+    stopped.mkdir()
+    stopped.joinpath("log.txt").write_text(
+        "train: 5%|\r2026 INFO trainer: step 10: student AP 0.4000, teacher AP 0.3000\rtrain: 60%|")
+    summary = study.summarize({"a": [str(tmp_path / "a_seed0"), str(tmp_path / "a_seed1")], "b": [str(stopped)]})
+    a, b = summary["a"], summary["b"]
+    assert list(a["curve"]) == [0, 10, 20] and list(b["curve"]) == [10]
+    assert a["curve"][10]["teacher"]["mean"] == pytest.approx(30.0)
+    assert a["curve"][10]["teacher"]["std"] == pytest.approx(14.142, abs=1e-3)
+    assert a["curve"][10]["pseudo"]["mean"] == pytest.approx(3.0) and a["curve"][0]["pseudo"] is None
+    assert a["test"]["teacher"]["AP"]["mean"] == pytest.approx(40.0) and b["test"] is None
+    text = study.report(summary)
+    assert "| a | 2 | 40.0 ± 14.1 |" in text and "| 10 | 30.0 ± 14.1 | 30.0 (1) |" in text
+    # a run continued in a second folder: evaluations merged, the later folder wins
+    more = tmp_path / "a_seed1_more"
+    _write_results(more, [(20, 0.9, 0.9, None), (30, 0.7, 0.8, None)])
+    merged = study.run_evaluations(f"{tmp_path / 'a_seed1'}+{more}")
+    assert sorted(merged) == [0, 10, 20, 30] and merged[20]["teacher"] == 0.9
+
+
+def test_study_end_to_end_burnin_arms_and_tables(tmp_path):
+    """A whole (tiny) study: burn-in, calibration arm, two arms x one seed, the held-out test set, the tables."""
+    from tests.test_train_script import TINY
+
+    study = _load("study")
+    out = tmp_path / "study"
+    result = study.main(["--output_dir", str(out), "--preset", "synthetic", "--burnin_steps", "2", "--steps", "2",
+                         "--eval_every", "1", "--seeds", "0", "--arms", "supervised,sparse_semi_detr",
+                         "--calibration", "--parallel", "2", "--",
+                         *TINY, "--synthetic_num_test", "4", "--synthetic_cache_dir", str(tmp_path / "cache"),
+                         "--pseudo_label_threshold", "0.0", "--detection_picture_images", "0"])
+    assert [r["returncode"] for r in result["records"]] == [0, 0, 0, 0]
+    summary = result["summary"]
+    assert set(summary) == {"burnin", "calibration_100", "supervised", "sparse_semi_detr"}
+    assert list(summary["sparse_semi_detr"]["curve"]) == [0, 1, 2]  # evaluated at the start (the burn-in)
+    assert list(summary["calibration_100"]["curve"])[-1] == 4  # burn-in + arm steps
+    start = summary["sparse_semi_detr"]["curve"][0]["teacher"]["mean"]
+    assert start == pytest.approx(summary["supervised"]["curve"][0]["teacher"]["mean"])  # the same burn-in
+    assert summary["sparse_semi_detr"]["test"]["images"] == 4
+    assert (out / "study.json").is_file()
+    again = study.main(["--output_dir", str(out), "--preset", "synthetic", "--burnin_steps", "2", "--steps", "2",
+                        "--seeds", "0", "--arms", "supervised", "--stages", "arms,table", "--", *TINY])
+    assert [r["reused"] for r in again["records"]] == [True]

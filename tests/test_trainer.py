@@ -12,6 +12,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
+import PIL.Image
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -92,7 +93,7 @@ def test_evaluation_right_after_t1_uses_the_one_to_many_post_processing(tmp_path
     stage's NMS, so a duplicate-producing model looked far worse exactly at the switch."""
     stages = []
     monkeypatch.setattr(SemiSupervisedTrainer, "predict",
-                        lambda self, detectors, stage: stages.append(stage) or {name: [] for name in detectors})
+                        lambda self, detectors, stage, *a, **k: stages.append(stage) or {n: [] for n in detectors})
     monkeypatch.setattr("sparse_semi_detr_hf.training.trainer.evaluate_detections", lambda gt, records: {"AP": 0.0})
     args = tiny_args(tmp_path, synthetic_cache, "--max_steps", "3", "--one_to_many_steps", "2", "--eval_steps", "1",
                      "--checkpointing_steps", "100", "--supervised_only", "--query_mode", "none",
@@ -318,7 +319,7 @@ def test_evaluation_decodes_the_validation_set_once_for_student_and_teacher(tmp_
     trainer = SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache))
     passes = []
     original = trainer._val_batches
-    trainer._val_batches = lambda: passes.append(1) or original()
+    trainer._val_batches = lambda *a: passes.append(1) or original(*a)
     student, teacher = student_detector(trainer), trainer.teacher.model
     with torch.no_grad():  # make the two models differ
         for parameter in student.parameters():
@@ -340,12 +341,13 @@ def test_synthetic_overrides_change_the_generated_set(tmp_path):
     common = ["--output_dir", "unused", "--synthetic_num_train", "6", "--synthetic_num_val", "2",
               "--synthetic_cache_dir", str(tmp_path)]
     default_train, _ = synthetic_datasets(parse(*common))
-    train, val = synthetic_datasets(parse(*common, "--synthetic_overrides", "num_classes=3,image_size=40:48"))
+    train, val = synthetic_datasets(parse(*common, "--synthetic_overrides", "num_classes=4,image_size=40:48"))
     names = train.features["objects"]["category"].feature.names
-    assert len(names) == 3 and len(default_train.features["objects"]["category"].feature.names) == 10
+    # the synthetic preset's default: the benchmark's generator, 3 classes
+    assert len(names) == 4 and len(default_train.features["objects"]["category"].feature.names) == 3
     assert all(40 <= side <= 48 for row in [*train, *val] for side in (row["width"], row["height"]))
     assert len(os.listdir(tmp_path)) == 2  # each set has its own cache entry
-    again, _ = synthetic_datasets(parse(*common, "--synthetic_overrides", "num_classes=3,image_size=40:48"))
+    again, _ = synthetic_datasets(parse(*common, "--synthetic_overrides", "num_classes=4,image_size=40:48"))
     assert again["image_id"] == train["image_id"] and len(os.listdir(tmp_path)) == 2
     with pytest.raises(ValueError, match="unknown field 'radius'"):
         synthetic_datasets(parse(*common, "--synthetic_overrides", "radius=3:4"))
@@ -374,3 +376,53 @@ def test_one_step_on_bccd(tmp_path):
     assert results["steps"] == 1
     assert set(results["final"]["student"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert (tmp_path / "best_model" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- results a user sees
+def test_start_evaluation_test_set_and_detection_picture(tmp_path, synthetic_cache):
+    """From a trained model: evaluated before the first step (student = teacher, one evaluation), the held-out
+    test set evaluated once at the end (own images, not the validation ones), the picture of the teacher's
+    detections written."""
+    first = SemiSupervisedTrainer(tiny_args(tmp_path / "first", synthetic_cache, "--max_steps", "1"))
+    first.export(first.teacher.model, "start", dict.fromkeys(["AP", "AP50", "AP75", "APs", "APm", "APl"], 0.0))
+    args = tiny_args(tmp_path / "run", synthetic_cache, "--model_name_or_path", str(tmp_path / "first" / "start"),
+                     "--max_steps", "2", "--eval_steps", "1", "--synthetic_num_test", "3",
+                     "--detection_picture_images", "2", "--detection_picture_threshold", "0.0")
+    assert args.eval_at_start  # the default from a trained model
+    trainer = SemiSupervisedTrainer(args)
+    assert len(trainer.data.test) == 3 and trainer.data.test[0]["image"] != trainer.data.val[0]["image"]
+    evaluated = []
+    original = trainer.evaluate
+    trainer.evaluate = lambda detectors, *a, **k: evaluated.append(sorted(detectors)) or original(detectors, *a, **k)
+    results = trainer.train()
+    assert [r["step"] for r in results["history"]] == [0, 1, 2]
+    assert results["history"][0]["student"] == results["history"][0]["teacher"]
+    assert evaluated[0] == ["teacher"]  # the start: one model evaluated once
+    assert results["test"]["images"] == 3 and results["test"]["step"] == 2
+    assert set(results["test"]["teacher"]) >= {"AP", "AP50", "APs"}
+    picture = PIL.Image.open(tmp_path / "run" / "teacher_detections.png")
+    assert picture.width > 2 * 64 and picture.height > 2 * 64  # two images, enlarged, side by side
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["test"]["teacher"]["AP"] == results["test"]["teacher"]["AP"]
+
+
+def test_no_start_evaluation_from_scratch_and_no_test_set_by_default(tmp_path, synthetic_cache):
+    args = tiny_args(tmp_path, synthetic_cache, "--max_steps", "1", "--detection_picture_images", "0")
+    assert not args.eval_at_start
+    results = SemiSupervisedTrainer(args).train()
+    assert [r["step"] for r in results["history"]] == [1] and "test" not in results
+    assert not (tmp_path / "teacher_detections.png").exists()
+
+
+def test_demo_burnin_is_the_default_start_only_for_the_plain_demo():
+    from sparse_semi_detr_hf.training.arguments import DEMO_BURNIN_DIR
+
+    plain = parse("--output_dir", "x")
+    assert plain.demo_burnin and plain.model_name_or_path == DEMO_BURNIN_DIR and plain.eval_at_start
+    assert not plain.ema_warmup  # a trained start keeps its teacher
+    for flags in (["--d_model", "32"], ["--synthetic_overrides", "num_classes=4"], ["--preset", "paper"],
+                  ["--model_name_or_path", "user/model"], ["--demo_burnin", "false"]):
+        args = parse("--output_dir", "x", *flags)
+        assert not args.demo_burnin and args.model_name_or_path != DEMO_BURNIN_DIR, flags
+    with pytest.raises(ValueError, match="demo_burnin"):
+        parse("--output_dir", "x", "--demo_burnin", "true", "--model_name_or_path", "user/model")

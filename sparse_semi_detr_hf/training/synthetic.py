@@ -32,7 +32,7 @@ DISTRACTOR_SHAPES = ("ellipse", "bar", "half_disc", "frame")
 # All 20 combinations, ordered so that every prefix of length 10 uses each shape twice and each texture 2-3 times.
 COMBINATIONS = tuple((SHAPES[i], TEXTURES[(i + k) % 4]) for k in range(4) for i in range(5))
 SYNTHETIC_CLASSES = tuple(f"{s}_{t}" for s, t in COMBINATIONS[:10])
-_SPLITS = {"train": 0, "val": 1}
+_SPLITS = {"train": 0, "val": 1, "test": 2}
 _SQRT2, _SQRT3 = float(np.sqrt(2.0)), float(np.sqrt(3.0))
 
 
@@ -336,7 +336,8 @@ def _render_rows(config: SyntheticConfig, seed: int, split: str, indices: range)
 
 def make_synthetic_split(num_images: int, split: str = "train", seed: int = 0,
                          config: SyntheticConfig | None = None, num_proc: int = 1) -> Dataset:
-    """``num_images`` synthetic images of ``split`` ("train" or "val") in the common detection schema.
+    """``num_images`` synthetic images of ``split`` ("train", "val" or "test": independent random streams) in the
+    common detection schema.
 
     ``num_proc > 1`` renders chunks in worker processes; the result does not depend on it.
     """

@@ -38,11 +38,12 @@ from .data import (
     split_labeled_unlabeled,
 )
 from .evaluation import coco_ground_truth_from_dataset, evaluate_detections
+from .visualize import save_detection_grid
 from .hub import HubUploader, build_model_card
 from .secrets import looks_like_local_path
 from .sampling import SkipBatches, endless_loader, endless_stream_loader
 from .step import ONE_TO_MANY, ONE_TO_ONE, SemiSupervisedStudent, semi_supervised_loss
-from .synthetic import SyntheticConfig, make_synthetic_detection_dataset
+from .synthetic import SyntheticConfig, make_synthetic_detection_dataset, make_synthetic_split
 from .teacher import EMATeacher
 from .transforms import EvalTransform, LabeledTransform, UnlabeledPairTransform, ViewConfig
 
@@ -62,6 +63,7 @@ class DataBundle:
     val: object
     id2label: dict
     name: str
+    test: object | None = None  # held-out set, evaluated once at the end (never used to choose anything)
 
 
 class TrainState:
@@ -88,8 +90,10 @@ class TrainState:
 
 def load_data(args: TrainingArguments) -> DataBundle:
     """Labeled / unlabeled / validation datasets in the common detection schema (docs/datasets.md)."""
+    test = None
     if args.is_synthetic:
         train, val = synthetic_datasets(args)
+        test = synthetic_test_dataset(args)
         name = "synthetic"
     elif args.dataset_name:
         train = load_hub_detection_dataset(args.dataset_name, args.train_split, args.dataset_config_name)
@@ -98,6 +102,7 @@ def load_data(args: TrainingArguments) -> DataBundle:
     else:
         train = load_coco_folder(args.train_images, args.train_annotations)
         val = load_coco_folder(args.val_images, args.val_annotations) if args.val_images else None
+        test = load_coco_folder(args.test_images, args.test_annotations) if args.test_images else None
         name = os.path.basename(os.path.normpath(args.train_images))
     if val is None:  # hold out 10 % of the training images, deterministically
         val, train = split_labeled_unlabeled(train, labeled_percent=10.0, fold=0, seed=12345)
@@ -113,7 +118,7 @@ def load_data(args: TrainingArguments) -> DataBundle:
     elif unlabeled is None or (not isinstance(unlabeled, str) and len(unlabeled) == 0):
         raise ValueError("no unlabeled images: give --unlabeled_images, --labeled_percent < 100, or "
                          "--supervised_only")
-    return DataBundle(labeled, unlabeled, val, dataset_id2label(train), name)
+    return DataBundle(labeled, unlabeled, val, dataset_id2label(train), name, test)
 
 
 def synthetic_datasets(args: TrainingArguments):
@@ -141,6 +146,29 @@ def synthetic_datasets(args: TrainingArguments):
         except OSError:  # another process finished first
             shutil.rmtree(partial, ignore_errors=True)
     return train, val
+
+
+def synthetic_test_dataset(args: TrainingArguments):
+    """The embedded set's test part (``--synthetic_num_test`` images of its own random stream, same generator
+    settings), or None; cached next to the train/val set."""
+    if not args.synthetic_num_test:
+        return None
+    overrides = parse_synthetic_overrides(args.synthetic_overrides)
+    key = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
+    cache = args.synthetic_cache_dir and os.path.join(args.synthetic_cache_dir, f"synthetic_test_{args.synthetic_num_test}_{key}")
+    if cache and os.path.isdir(cache):
+        return load_from_disk(cache)
+    workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+    test = make_synthetic_split(args.synthetic_num_test, "test", seed=0, config=SyntheticConfig(**overrides),
+                                num_proc=workers if args.synthetic_num_test >= 200 else 1)
+    if cache:
+        partial = f"{cache}.tmp{os.getpid()}"
+        test.save_to_disk(partial)
+        try:
+            os.rename(partial, cache)
+        except OSError:  # another process finished first
+            shutil.rmtree(partial, ignore_errors=True)
+    return test
 
 
 def unlabeled_stream_loader(source, transform, batch_size: int, seed: int, rank: int, world_size: int,
@@ -252,9 +280,12 @@ class SemiSupervisedTrainer:
         return endless_loader(pairs, args.unlabeled_batch_size, collate_unlabeled, args.seed + 1, acc.process_index,
                               acc.num_processes, consumed, args.num_workers)
 
-    def _val_batches(self):
-        acc = self.accelerator
-        shard = self.data.val.select(range(acc.process_index, len(self.data.val), acc.num_processes))
+    def _val_batches(self, dataset=None, whole: bool = False):
+        """This process's share of ``dataset`` (default: the validation set; ``whole``: all of it) as evaluation
+        batches."""
+        acc, dataset = self.accelerator, self.data.val if dataset is None else dataset
+        rank, world = (0, 1) if whole else (acc.process_index, acc.num_processes)
+        shard = dataset.select(range(rank, len(dataset), world))
         dataset = LabeledDetectionDataset(shard, EvalTransform(self.views), seed=0, drop_crowd=False)
         return torch.utils.data.DataLoader(dataset, batch_size=self.args.eval_batch_size,
                                            collate_fn=collate_labeled, num_workers=self.args.num_workers)
@@ -310,6 +341,8 @@ class SemiSupervisedTrainer:
         progress = tqdm(total=args.max_steps, initial=self.state.step, desc="train",
                         disable=not acc.is_local_main_process)
         self.student.train()
+        if args.eval_at_start and self.state.step == 0:
+            self.evaluate_and_export()
         started, self.excluded_seconds, first_step = time.perf_counter(), 0.0, self.state.step
         while self.state.step < args.max_steps:
             micro = range(args.gradient_accumulation_steps)
@@ -369,14 +402,15 @@ class SemiSupervisedTrainer:
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def predict(self, detectors: dict, stage: str) -> dict[str, list[dict]]:
-        """This process's share of the validation set -> each detector's predictions in original-image pixels.
+    def predict(self, detectors: dict, stage: str, dataset=None, whole: bool = False) -> dict[str, list[dict]]:
+        """This process's share of ``dataset`` (default: the validation set; ``whole``: all of it, no collective
+        call) -> each detector's predictions in original-image pixels.
 
-        ``detectors``: name -> model. Each validation batch is decoded once and run through every model.
+        ``detectors``: name -> model. Each batch is decoded once and run through every model.
         """
         modes = {name: detector.training for name, detector in detectors.items()}
         predictions = {name: [] for name in detectors}
-        for batch in self._val_batches():
+        for batch in self._val_batches(dataset, whole):
             batch = _to_device(batch, self.accelerator.device)
             sizes = torch.stack([label["orig_size"] for label in batch["labels"]])
             for name, detector in detectors.items():
@@ -403,23 +437,29 @@ class SemiSupervisedTrainer:
         return [{"image_id": int(label["image_id"]), **{k: v.float().cpu() for k, v in result.items()}}
                 for label, result in zip(labels, results)]
 
-    def evaluate(self, detectors: dict, stage: str) -> dict[str, dict]:
-        """COCO metrics of each detector (name -> model) on the whole validation set, gathered over processes."""
-        metrics = {}
-        for name, predictions in self.predict(detectors, stage).items():
+    def evaluate(self, detectors: dict, stage: str, dataset=None, coco_gt: dict | None = None) -> dict[str, dict]:
+        """COCO metrics of each detector (name -> model) on the whole validation set (or ``dataset`` with its
+        ``coco_gt``), gathered over processes."""
+        metrics, coco_gt = {}, self.coco_gt if coco_gt is None else coco_gt
+        for name, predictions in self.predict(detectors, stage, dataset).items():
             unique = {p["image_id"]: p for p in gather_object(predictions)}
-            result = [evaluate_detections(self.coco_gt, list(unique.values()))] if self.accelerator.is_main_process \
+            result = [evaluate_detections(coco_gt, list(unique.values()))] if self.accelerator.is_main_process \
                 else [None]
             broadcast_object_list(result)
             metrics[name] = result[0]
         return metrics
 
     def evaluate_and_export(self) -> dict:
-        """Evaluate student and teacher; export the better one if it beats the best so far."""
+        """Evaluate student and teacher; export the better one if it beats the best so far. Before the first step
+        (``--eval_at_start``) student and teacher are the same model: evaluated once."""
         stage = self.evaluation_stage()
         student = self.accelerator.unwrap_model(self.student).detector
-        record = {"step": self.state.step, "stage": stage,
-                  **self.evaluate({"student": student, "teacher": self.teacher.model}, stage)}
+        if self.state.step == 0:
+            metrics = self.evaluate({"teacher": self.teacher.model}, stage)["teacher"]
+            record = {"step": 0, "stage": stage, "student": metrics, "teacher": dict(metrics)}
+        else:
+            record = {"step": self.state.step, "stage": stage,
+                      **self.evaluate({"student": student, "teacher": self.teacher.model}, stage)}
         rate = self.state.take_pseudo_label_rate()
         if rate is not None:
             record["pseudo_labels_per_image"] = rate
@@ -467,12 +507,39 @@ class SemiSupervisedTrainer:
         start = self.args.model_name_or_path
         return None if not start or looks_like_local_path(start) else start
 
+    def evaluate_test(self) -> dict | None:
+        """The final student and teacher on the held-out test set (``--synthetic_num_test`` /
+        ``--test_images``), or None without one."""
+        if self.data.test is None:
+            return None
+        student = self.accelerator.unwrap_model(self.student).detector
+        metrics = self.evaluate({"student": student, "teacher": self.teacher.model}, self.evaluation_stage(),
+                                self.data.test, coco_ground_truth_from_dataset(self.data.test))
+        logger.info("test set (%d images), step %d: student AP %.4f, teacher AP %.4f", len(self.data.test),
+                    self.state.step, metrics["student"]["AP"], metrics["teacher"]["AP"])
+        return {"step": self.state.step, "images": len(self.data.test), **metrics}
+
+    def write_detection_picture(self, path: str) -> None:
+        """The teacher's detections on the first validation images beside their ground truth, as a PNG."""
+        if not self.accelerator.is_main_process or not self.args.detection_picture_images:
+            return
+        subset = self.data.val.select(range(min(self.args.detection_picture_images, len(self.data.val))))
+        stage = self.evaluation_stage()
+        predictions = self.predict({"teacher": self.teacher.model}, stage, subset, whole=True)["teacher"]
+        save_detection_grid(subset, predictions, self.data.id2label, path,
+                            threshold=self.args.detection_picture_threshold)
+        logger.info("teacher detections on %d validation images: %s", len(subset), path)
+
     def _finish(self, seconds_per_step: float) -> dict:
         record = self.evaluate_and_export()
         results = {"final": record, "best": self.state.best, "history": self.state.history,
                    "seconds_per_step": seconds_per_step, "steps": self.state.step, "args": self.args.to_dict(),
                    "last_logged": getattr(self, "last_logs", {}),
                    "device": str(self.accelerator.device), "num_processes": self.accelerator.num_processes}
+        test = self.evaluate_test()
+        if test is not None:
+            results["test"] = test
+        self.write_detection_picture(os.path.join(self.args.output_dir, "teacher_detections.png"))
         if self.accelerator.is_main_process:
             self._write_results(results)
             if self.uploader is not None:  # written first: a hanging upload must not cost the results

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Remakes sparse_semi_detr_hf/training/demo_burnin/: the embedded demo's starting model (README's main command
+# continues it with unlabeled data). Supervised training on the demo's labeled split (the synthetic preset's data:
+# 10 % of its training images), from scratch, then the best model's config, weights and image processor settings
+# are copied into the package. Run from the repository root; about 20 minutes on the 2-core CPU.
+set -euo pipefail
+OUT=${OUT:-outputs/demo_burnin}
+STEPS=${STEPS:-3000}
+DEST=sparse_semi_detr_hf/training/demo_burnin
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} python examples/train_ssod.py --demo_burnin false --supervised_only \
+    --output_dir "$OUT" --max_steps "$STEPS" --one_to_many_steps "$STEPS" --eval_steps 500 \
+    --checkpointing_steps "$STEPS" --detection_picture_images 0 --seed 0 "$@"
+mkdir -p "$DEST"
+cp "$OUT/best_model/config.json" "$OUT/best_model/model.safetensors" "$OUT/best_model/preprocessor_config.json" "$DEST/"
+ls -l "$DEST"
