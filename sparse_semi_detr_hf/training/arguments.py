@@ -139,6 +139,9 @@ class TrainingArguments:
                                                                          "0 = off)."})
     lr_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (paper: 0)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_nonfinite_steps: int = field(default=5, metadata={
+        "help": "Steps in a row with a non-finite loss / gradient norm (each skipped: no update) before training "
+                "stops with an error."})
     ema_momentum: float | None = field(default=None, metadata={"help": "Maximum EMA momentum of the teacher."})
     ema_warmup: bool | None = field(default=None, metadata={
         "help": "EMA momentum warm-up 1 - 1/(step+1) (Semi-DETR, untrained start). Default: on when training from "
@@ -250,6 +253,8 @@ class TrainingArguments:
             raise ValueError(f"labeled_percent must be in (0, 100], got {self.labeled_percent}.")
         if self.max_steps < 1 or self.one_to_many_steps < 0:
             raise ValueError("max_steps must be >= 1 and one_to_many_steps >= 0.")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}.")
         if self.labeled_batch_size < 1 or (self.unlabeled_batch_size < 1 and not self.supervised_only):
             raise ValueError("batch sizes must be >= 1.")
 

@@ -112,6 +112,16 @@ class EMATeacher:
         self.last_momentum = momentum
         return momentum
 
+    @torch.no_grad()
+    def restore_buffers(self, student: nn.Module) -> None:
+        """Copy the teacher's buffers (the student's as of the last update) back into ``student``: undoes what a
+        skipped step's forward pass did to BatchNorm statistics."""
+        student_buffers, teacher_buffers = self._paired(
+            dict(unwrap_model(student).named_buffers()), dict(self.model.named_buffers()), "buffer"
+        )
+        for student_buffer, teacher_buffer in zip(student_buffers, teacher_buffers):
+            student_buffer.copy_(teacher_buffer)
+
     @staticmethod
     def _paired(
         teacher: dict[str, torch.Tensor], student: dict[str, torch.Tensor], kind: str

@@ -66,20 +66,28 @@ class DataBundle:
     test: object | None = None  # held-out set, evaluated once at the end (never used to choose anything)
 
 
+class DivergenceError(RuntimeError):
+    """Training stopped: too many steps in a row with a non-finite loss or gradient norm."""
+
+
 class TrainState:
     """Step counter and evaluation history, saved with every checkpoint."""
 
     def __init__(self):
         self.step, self.history, self.best = 0, [], None
         self.pseudo_labels, self.pseudo_batches = 0.0, 0  # per-image pseudo-label counts since the last evaluation
+        self.nonfinite_in_a_row, self.skipped_steps = 0, []  # divergence guard: steps skipped for a non-finite norm
 
     def state_dict(self) -> dict:
         return {"step": self.step, "history": self.history, "best": self.best,
-                "pseudo_labels": self.pseudo_labels, "pseudo_batches": self.pseudo_batches}
+                "pseudo_labels": self.pseudo_labels, "pseudo_batches": self.pseudo_batches,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.history, self.best = state["step"], state["history"], state["best"]
         self.pseudo_labels, self.pseudo_batches = state.get("pseudo_labels", 0.0), state.get("pseudo_batches", 0)
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        self.skipped_steps = list(state.get("skipped_steps", []))
 
     def take_pseudo_label_rate(self) -> float | None:
         """Mean pseudo-labels per unlabeled image over the batches since the last call (None: no batch)."""
@@ -307,9 +315,15 @@ class SemiSupervisedTrainer:
                                     self.accelerator.autocast)
 
     def optimizer_step(self, labeled_batches, unlabeled_batches) -> dict:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; then the EMA update."""
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; then the EMA update.
+
+        Divergence guard: when the gradient norm (after the all-reduce, so every process decides alike) is not
+        finite, the step changes nothing — no AdamW update, no scheduler step, no EMA update, the student's
+        BatchNorm statistics restored from the teacher's copy — and is counted; ``max_nonfinite_steps`` in a
+        row stop training (:class:`DivergenceError`). Costs one host sync per step (reading the norm).
+        """
         acc, args = self.accelerator, self.args
-        stage = self.stage(self.state.step)
+        stage, finite = self.stage(self.state.step), True
         for labeled, unlabeled in zip(labeled_batches, unlabeled_batches):
             with acc.accumulate(self.student):
                 loss, logs = self.compute_loss(_to_device(labeled, acc.device), _to_device(unlabeled, acc.device),
@@ -318,15 +332,42 @@ class SemiSupervisedTrainer:
                     self.state.pseudo_labels += logs["pseudo_per_image"]
                     self.state.pseudo_batches += 1
                 acc.backward(loss)
-                if acc.sync_gradients and args.max_grad_norm > 0:
-                    acc.clip_grad_norm_(self.student.parameters(), args.max_grad_norm)
-                self.optimizer.step()
+                if acc.sync_gradients:
+                    limit = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+                    grad_norm = acc.clip_grad_norm_(self.student.parameters(), limit)
+                    logs["grad_norm"] = float(grad_norm)  # the step's one host sync
+                    finite = math.isfinite(logs["grad_norm"])
+                if finite:
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         self.state.step += 1
+        logs["stage"], logs["lr"] = stage, self.scheduler.get_last_lr()[0]
+        if not finite:
+            self._skip_nonfinite_step(logs)
+            return logs
+        self.state.nonfinite_in_a_row = 0
+        self.scheduler.step()
         logs["ema_momentum"] = self.teacher.update(acc.unwrap_model(self.student).detector, self.state.step)
-        logs["stage"] = stage
         return logs
+
+    def _skip_nonfinite_step(self, logs: dict) -> None:
+        """A step whose gradient norm is NaN/inf: undo the forward's BatchNorm statistics, count, maybe stop."""
+        student = self.accelerator.unwrap_model(self.student).detector
+        self.teacher.restore_buffers(student)
+        self.state.nonfinite_in_a_row += 1
+        self.state.skipped_steps.append(self.state.step)
+        loss = logs.get("loss")
+        logger.warning("step %d: gradient norm %s (loss %s): the update is skipped (%d in a row, %d in all)",
+                       self.state.step, logs.get("grad_norm"), loss, self.state.nonfinite_in_a_row,
+                       len(self.state.skipped_steps))
+        if self.state.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+            raise DivergenceError(
+                f"training diverged: {self.state.nonfinite_in_a_row} steps in a row up to step {self.state.step} "
+                f"had a non-finite loss or gradient norm (last loss {loss}); no update was applied and nothing "
+                f"non-finite was saved. Likely causes: a learning rate too high for this model and batch "
+                f"(--learning_rate {self.args.learning_rate}), no gradient clipping (--max_grad_norm), or broken "
+                f"input data. Lower the learning rate or resume from the last checkpoint "
+                f"(--resume_from_checkpoint latest).")
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> dict:
@@ -489,6 +530,7 @@ class SemiSupervisedTrainer:
         if not self.accelerator.is_main_process:
             return
         folder = os.path.join(self.args.output_dir, name)
+        _check_finite(detector, name)
         detector.save_pretrained(folder)
         processor = copy.copy(self.processor)  # weights of the one-to-many stage duplicate: their users need NMS
         processor.nms_threshold = self.nms_threshold(self.evaluation_stage())
@@ -534,7 +576,7 @@ class SemiSupervisedTrainer:
         record = self.evaluate_and_export()
         results = {"final": record, "best": self.state.best, "history": self.state.history,
                    "seconds_per_step": seconds_per_step, "steps": self.state.step, "args": self.args.to_dict(),
-                   "last_logged": getattr(self, "last_logs", {}),
+                   "last_logged": getattr(self, "last_logs", {}), "skipped_steps": self.state.skipped_steps,
                    "device": str(self.accelerator.device), "num_processes": self.accelerator.num_processes}
         test = self.evaluate_test()
         if test is not None:
@@ -551,6 +593,14 @@ class SemiSupervisedTrainer:
     def _write_results(self, results: dict) -> None:
         with open(os.path.join(self.args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2, default=str)
+
+
+def _check_finite(model: torch.nn.Module, name: str) -> None:
+    """Refuse to export a model with a NaN/inf parameter or buffer (names the first few)."""
+    bad = [key for key, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ValueError(f"refusing to export {name}: {len(bad)} tensors are not finite, e.g. {bad[:3]}")
 
 
 def _checkpoint_number(path: str) -> int:
