@@ -1,7 +1,14 @@
 """Faults a user meets: a diverging run (NaN / inf loss) changes nothing, is counted, and stops with a clear
-error; nothing non-finite is exported."""
+error; nothing non-finite is exported; a crash or kill -9 while saving never costs a complete checkpoint, and the
+resumed run ends where an uninterrupted one does."""
 
 import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -83,3 +90,91 @@ def test_the_learning_rate_and_gradient_norm_are_logged(tmp_path, synthetic_cach
                                               "--max_grad_norm", "0", "--detection_picture_images", "0"))
     results = trainer.train()
     assert {"lr", "grad_norm"} <= set(results["last_logged"]) and results["last_logged"]["grad_norm"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_a_crash_while_saving_keeps_the_previous_checkpoint_even_with_limit_one(tmp_path, synthetic_cache,
+                                                                               monkeypatch):
+    args = ("--max_steps", "2", "--eval_steps", "100", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1",
+            "--detection_picture_images", "0")
+    trainer = SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache, *args))
+    original = trainer.accelerator.save_state
+
+    def dies_on_the_second_save(output_dir=None, **kwargs):
+        if trainer.state.step == 2:
+            os.makedirs(output_dir, exist_ok=True)
+            open(os.path.join(output_dir, "optimizer.bin"), "wb").write(b"trunc")  # a half-written file
+            raise KeyboardInterrupt("killed while writing")
+        return original(output_dir=output_dir, **kwargs)
+
+    monkeypatch.setattr(trainer.accelerator, "save_state", dies_on_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    names = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert names == [".tmp-checkpoint-2", "checkpoint-1"]  # the old one survives the limit of 1
+    resumed = SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache, *args, "--resume_from_checkpoint", "latest"))
+    results = resumed.train()
+    assert results["steps"] == 2 and sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-2"]
+
+
+def test_latest_skips_an_unmarked_checkpoint(tmp_path):
+    from sparse_semi_detr_hf.training.checkpoints import MARKER, CheckpointFolder
+
+    folder = CheckpointFolder(str(tmp_path), limit=2)
+    for name, marked in (("checkpoint_3", False), ("checkpoint-4", True), ("checkpoint-10", True),
+                         ("checkpoint-12", False), (".tmp-checkpoint-13", False)):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        if marked:
+            (tmp_path / "checkpoints" / name / MARKER).write_text("{}")
+    assert [os.path.basename(p) for p in folder.complete()] == ["checkpoint_3", "checkpoint-4", "checkpoint-10"]
+    assert folder.latest().endswith("checkpoint-10")  # numeric order, the unmarked checkpoint-12 ignored
+    folder.remove_partial()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-10", "checkpoint-4", "checkpoint_3"]
+
+
+KILL_ARGS = ["--max_steps", "6", "--one_to_many_steps", "3", "--eval_steps", "100", "--checkpointing_steps", "1",
+             "--checkpoints_total_limit", "1", "--detection_picture_images", "0", "--pseudo_label_threshold", "0.0"]
+
+
+def _train(output, cache, *extra, wait=True):
+    from test_train_script import SCRIPT, TINY
+
+    command = [sys.executable, str(SCRIPT), *TINY, "--synthetic_cache_dir", cache, "--output_dir", str(output),
+               *KILL_ARGS, *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if wait:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+    return process
+
+
+def _final_student(output) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    latest = sorted((output / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    assert latest.name == "checkpoint-6"
+    return load_file(latest / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_9_at_a_random_moment_then_resume_gives_the_uninterrupted_result(tmp_path, synthetic_cache, seed):
+    """A training process killed with SIGKILL at a random moment (checkpoints every step, limit 1): resuming from
+    ``latest`` always works and ends with the same student as an uninterrupted run."""
+    straight = tmp_path / "straight"
+    _train(straight, synthetic_cache)
+    killed = tmp_path / "killed"
+    started = time.monotonic()
+    process = _train(killed, synthetic_cache, wait=False)
+    while not (killed / "checkpoints").is_dir() and process.poll() is None:  # let it reach the first checkpoint
+        time.sleep(0.05)
+    time.sleep(random.Random(seed).uniform(0.0, 1.5))
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before the kill"
+    assert time.monotonic() - started < 600
+    _train(killed, synthetic_cache, "--resume_from_checkpoint", "latest")
+    expected, got = _final_student(straight), _final_student(killed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name

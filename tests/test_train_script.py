@@ -63,7 +63,7 @@ def test_main_writes_results_model_checkpoints_and_tensorboard(tmp_path):
     assert saved["seconds_per_step"] > 0 and saved["num_processes"] == 1
     assert {"loss", "loss_sup", "loss_unsup", "pseudo_per_image"} <= set(saved["last_logged"])
 
-    assert sorted(os.listdir(output / "checkpoints")) == ["checkpoint_0", "checkpoint_1"]
+    assert sorted(os.listdir(output / "checkpoints")) == ["checkpoint-1", "checkpoint-2"]
 
     processor = AutoImageProcessor.from_pretrained(output / "best_model")
     model = AutoModelForObjectDetection.from_pretrained(output / "best_model").eval()
@@ -117,4 +117,4 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert results["num_processes"] == 2 and results["steps"] == 2
     assert set(results["final"]["student"]) == METRICS and set(results["final"]["teacher"]) == METRICS
     assert (output / "best_model" / "model.safetensors").is_file()
-    assert os.listdir(output / "checkpoints") == ["checkpoint_0"]
+    assert os.listdir(output / "checkpoints") == ["checkpoint-2"]

@@ -179,7 +179,7 @@ def test_resume_gives_the_same_parameters(tmp_path, synthetic_cache, accumulatio
 
     first = SemiSupervisedTrainer(tiny_args(tmp_path / "resumed", synthetic_cache, "--max_steps", "2", *common))
     first.train()
-    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint_0").is_dir()
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-2" / "COMPLETE").is_file()
     resumed = SemiSupervisedTrainer(tiny_args(tmp_path / "resumed", synthetic_cache, "--max_steps", "3",
                                               "--resume_from_checkpoint", "latest", *common))
     results = resumed.train()
@@ -191,8 +191,8 @@ def test_resume_gives_the_same_parameters(tmp_path, synthetic_cache, accumulatio
     _assert_same(expected_teacher, teacher, "EMA teacher")
     assert resumed.teacher.last_momentum == straight.teacher.last_momentum
     assert resumed.scheduler.last_epoch == straight.scheduler.last_epoch == 3
-    # the resumed run keeps numbering checkpoints after the one it resumed from
-    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["checkpoint_0", "checkpoint_1"]
+    # checkpoints are named by step
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["checkpoint-2", "checkpoint-3"]
 
 
 def test_teacher_warmup_only_for_an_untrained_start(tmp_path, synthetic_cache):
@@ -210,12 +210,15 @@ def test_teacher_warmup_only_for_an_untrained_start(tmp_path, synthetic_cache):
 
 def test_fresh_run_in_a_used_output_dir(tmp_path, synthetic_cache):
     """Regression: a new run (no resume) in an output dir that already holds checkpoints used to train to the
-    end and then crash in ``save_state`` ("Checkpoint directory ... already exists")."""
+    end and then crash in ``save_state`` ("Checkpoint directory ... already exists"). Now the new run's
+    checkpoint of the same step replaces the old one as a whole."""
     args = ("--max_steps", "1", "--eval_steps", "100", "--checkpointing_steps", "1", "--query_mode", "none")
     SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache, *args)).train()
+    first = (tmp_path / "checkpoints" / "checkpoint-1" / "COMPLETE").stat().st_mtime_ns
     results = SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache, *args)).train()
     assert results["steps"] == 1
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint_0", "checkpoint_1"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-1"]
+    assert (tmp_path / "checkpoints" / "checkpoint-1" / "COMPLETE").stat().st_mtime_ns > first
 
 
 # ---------------------------------------------------------------------------------------------- Hub

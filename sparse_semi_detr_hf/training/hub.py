@@ -16,7 +16,7 @@ from .secrets import known_secrets, redact_text
 
 logger = logging.getLogger(__name__)
 
-# Checkpoints (accelerate's ``checkpoints/checkpoint_*``: optimizer.bin, scheduler.bin, random_states_*.pkl,
+# Checkpoints (``checkpoints/checkpoint-<step>``: optimizer.bin, scheduler.bin, random_states_*.pkl,
 # custom_checkpoint_*.pkl with the teacher), pickles and other raw torch dumps stay local. The model itself is
 # ``model.safetensors``. Patterns use huggingface_hub's fnmatch rules, where ``*`` also matches ``/``.
 DEFAULT_IGNORE_PATTERNS = (

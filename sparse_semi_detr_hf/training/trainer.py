@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection, SparseSemiDetrImageProcessor
 from .arguments import TrainingArguments, parse_synthetic_overrides
+from .checkpoints import CheckpointFolder, atomic_write_text, replace_folder
 from .data import (
     LabeledDetectionDataset,
     UnlabeledPairDataset,
@@ -237,8 +238,7 @@ class SemiSupervisedTrainer:
 
     def __init__(self, args: TrainingArguments, hub_api=None):
         self.args = args
-        project = ProjectConfiguration(project_dir=args.output_dir, automatic_checkpoint_naming=True,
-                                       total_limit=args.checkpoints_total_limit)
+        project = ProjectConfiguration(project_dir=args.output_dir, automatic_checkpoint_naming=False)
         report_to = None if args.report_to == "none" else args.report_to
         self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                                        log_with=report_to, project_config=project)
@@ -261,6 +261,7 @@ class SemiSupervisedTrainer:
         self.processor = SparseSemiDetrImageProcessor(
             size={"shortest_edge": args.eval_image_size, "longest_edge": args.max_image_size}
         )
+        self.checkpoints = CheckpointFolder(args.output_dir, args.checkpoints_total_limit)
         self.uploader = None
         if args.push_to_hub and self.accelerator.is_main_process:
             self.uploader = HubUploader(args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
@@ -415,29 +416,27 @@ class SemiSupervisedTrainer:
             if evaluate:
                 self.evaluate_and_export()
             if checkpoint:
-                self.accelerator.save_state()
+                self.checkpoints.save(self.accelerator, step)
             self.excluded_seconds += time.perf_counter() - started
 
-    def _checkpoints(self) -> list[str]:
-        """Paths of ``output_dir/checkpoints/checkpoint_<i>``, oldest (smallest ``i``) first."""
-        folder = os.path.join(self.args.output_dir, "checkpoints")
-        names = [n for n in os.listdir(folder) if n.startswith("checkpoint_")] if os.path.isdir(folder) else []
-        return [os.path.join(folder, n) for n in sorted(names, key=_checkpoint_number)]
-
     def _maybe_resume(self) -> None:
-        path, existing = self.args.resume_from_checkpoint, self._checkpoints()
-        if existing:  # number new checkpoints after the existing ones (accelerate refuses to overwrite one)
-            self.accelerator.project_configuration.iteration = _checkpoint_number(existing[-1]) + 1
+        """Remove what an interrupted save left; with ``--resume_from_checkpoint``, load ``latest`` (the newest
+        complete checkpoint) or the given folder."""
+        path, folder = self.args.resume_from_checkpoint, self.checkpoints
+        if self.accelerator.is_main_process:
+            folder.remove_partial()
+        self.accelerator.wait_for_everyone()
+        latest = folder.latest()
         if not path:
-            if existing:
-                logger.warning("%d checkpoint(s) already in %s: this fresh run saves its own after them",
-                               len(existing), os.path.dirname(existing[-1]))
+            if latest:
+                logger.warning("checkpoints already in %s: this fresh run replaces any of the same step",
+                               folder.root)
             return
         if path == "latest":
-            if not existing:
-                logger.warning("no checkpoint in %s: starting from scratch", self.args.output_dir)
+            if not latest:
+                logger.warning("no complete checkpoint in %s: starting from scratch", folder.root)
                 return
-            path = existing[-1]
+            path = latest
         self.accelerator.load_state(path)
         logger.info("resumed from %s at step %d", path, self.state.step)
 
@@ -531,16 +530,19 @@ class SemiSupervisedTrainer:
             return
         folder = os.path.join(self.args.output_dir, name)
         _check_finite(detector, name)
-        detector.save_pretrained(folder)
+        temporary = f"{folder}.tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        detector.save_pretrained(temporary)
         processor = copy.copy(self.processor)  # weights of the one-to-many stage duplicate: their users need NMS
         processor.nms_threshold = self.nms_threshold(self.evaluation_stage())
-        processor.save_pretrained(folder)
+        processor.save_pretrained(temporary)
         card = build_model_card(
             self.args.hub_model_id or name, metrics, self.data.name, self.args.labeled_percent,
             _scalars(self.args.public_dict()), base_model=self.base_model_id(),
             dataset_id=self.args.dataset_name,
         )
-        card.save(os.path.join(folder, "README.md"))
+        card.save(os.path.join(temporary, "README.md"))
+        replace_folder(temporary, folder)  # a crash leaves the previous complete export
         if self.uploader is not None:
             self.uploader.push(folder, f"{name} at step {self.state.step} (AP {metrics['AP']:.4f})")
 
@@ -591,8 +593,7 @@ class SemiSupervisedTrainer:
         return results
 
     def _write_results(self, results: dict) -> None:
-        with open(os.path.join(self.args.output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2, default=str)
+        atomic_write_text(os.path.join(self.args.output_dir, "results.json"), json.dumps(results, indent=2, default=str))
 
 
 def _check_finite(model: torch.nn.Module, name: str) -> None:
@@ -601,10 +602,6 @@ def _check_finite(model: torch.nn.Module, name: str) -> None:
            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
     if bad:
         raise ValueError(f"refusing to export {name}: {len(bad)} tensors are not finite, e.g. {bad[:3]}")
-
-
-def _checkpoint_number(path: str) -> int:
-    return int(os.path.basename(os.path.normpath(path)).rsplit("_", 1)[-1])
 
 
 def _synchronize(device: torch.device) -> None:
