@@ -15,12 +15,13 @@ import sys
 
 from transformers import HfArgumentParser
 
-from sparse_semi_detr_hf.training.arguments import TrainingArguments
+from sparse_semi_detr_hf.training.arguments import TrainingArguments, document_defaults
 from sparse_semi_detr_hf.training.trainer import SemiSupervisedTrainer
 
 
 def parse_args(argv=None) -> TrainingArguments:
     parser = HfArgumentParser(TrainingArguments)
+    document_defaults(parser)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     return args
 

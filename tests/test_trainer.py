@@ -310,7 +310,6 @@ def test_supervised_only_runs_without_unlabeled_data(tmp_path, synthetic_cache):
     (["--labeled_percent", "0"], "labeled_percent"),
     (["--labeled_percent", "150"], "labeled_percent"),
     (["--max_steps", "0"], "max_steps"),
-    (["--preset", "huge"], "preset"),
     (["--unlabeled_batch_size", "0"], "batch sizes"),
 ])
 def test_bad_arguments_raise_clear_errors(argv, message):

@@ -5,6 +5,7 @@ Model and loss settings live in ``SparseSemiDetrConfig``; the fields below marke
 With no dataset named, the ``synthetic`` preset fills the unset fields with a small CPU-friendly setup.
 """
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -63,6 +64,10 @@ MODEL_FIELDS = (
     "box_noise_scale", "label_noise_ratio", "class_loss_coefficient", "deformable_attention_backend",
 )
 
+QUERY_MODES = ("none", "cross_view", "refined")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
+
 # Trainer fields that change the detector's architecture.
 ARCHITECTURE_FIELDS = (
     "backbone", "d_model", "encoder_layers", "decoder_layers", "ffn_dim", "attention_heads", "num_queries",
@@ -84,7 +89,7 @@ class TrainingArguments:
     """Settings of ``examples/train_ssod.py``. ``None`` means "from the preset" (or the model config)."""
 
     output_dir: str = field(default="outputs/sparse-semi-detr", metadata={"help": "Where everything is written."})
-    preset: str | None = field(default=None, metadata={"help": "synthetic | paper (default: synthetic without a "
+    preset: str | None = field(default=None, metadata={"choices": tuple(PRESETS), "help": "synthetic | synthetic_benchmark | paper (default: synthetic without a "
                                                                  "dataset, paper with one)."})
     seed: int = field(default=42, metadata={"help": "Seed of data order, views, initialisation and noise."})
     # ---------------------------------------------------------------- data
@@ -121,15 +126,16 @@ class TrainingArguments:
     image_scales: str | None = field(default=None, metadata={"help": "Comma-separated training short sides."})
     max_image_size: int | None = field(default=None, metadata={"help": "Longest side of training views."})
     eval_image_size: int | None = field(default=None, metadata={"help": "Short side of evaluation views."})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
+    num_workers: int = field(default=2, metadata={"aliases": ["--dataloader_num_workers"],
+                                                  "help": "DataLoader workers per process."})
     # ---------------------------------------------------------------- schedule
     max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps."})
     one_to_many_steps: int | None = field(default=None, metadata={"help": "T1: steps of one-to-many assignment "
                                                                             "before the switch to one-to-one."})
-    labeled_batch_size: int | None = field(default=None, metadata={"help": "Labeled images per process and step "
-                                                                            "(preset: 1, the benchmark 4)."})
+    labeled_batch_size: int | None = field(default=None, metadata={
+        "aliases": ["--per_device_train_batch_size"], "help": "Labeled images per process and step."})
     unlabeled_batch_size: int | None = field(default=None, metadata={"help": "Unlabeled images per process and "
-                                                                              "step (preset: 4)."})
+                                                                              "step."})
     supervised_only: bool = field(default=False, metadata={"help": "Baseline: no unlabeled data."})
     learning_rate: float | None = field(default=None, metadata={"help": "AdamW learning rate."})
     backbone_lr_multiplier: float | None = field(default=None, metadata={"help": "Backbone lr = lr x this "
@@ -137,7 +143,13 @@ class TrainingArguments:
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float | None = field(default=None, metadata={"help": "Gradient clipping norm (paper 0.1; "
                                                                          "0 = off)."})
-    lr_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (paper: 0)."})
+    lr_warmup_steps: int = field(default=0, metadata={"aliases": ["--num_warmup_steps", "--warmup_steps"],
+                                                      "help": "Linear warm-up steps (paper: 0)."})
+    lr_scheduler_type: str = field(default="constant", metadata={
+        "choices": LR_SCHEDULERS, "help": "Learning-rate schedule after the warm-up (the paper: constant)."})
+    num_train_epochs: float | None = field(default=None, metadata={
+        "help": "Not supported: this trainer counts optimizer steps (--max_steps), since labeled and unlabeled "
+                "batches are drawn endlessly; an error names the steps one epoch of the labeled split takes."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     max_nonfinite_steps: int = field(default=5, metadata={
         "help": "Steps in a row with a non-finite loss / gradient norm (each skipped: no update) before training "
@@ -152,6 +164,13 @@ class TrainingArguments:
                                                                              "after T1 (Semi-DETR's code drops it)."})
     # ---------------------------------------------------------------- model (None: config / preset default)
     model_name_or_path: str | None = field(default=None, metadata={"help": "Start from a saved model."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub models and datasets are cached "
+                                                                   "(default: the Hugging Face cache)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a Hub dataset's or model's own code."})
+    ignore_mismatched_sizes: bool = field(default=True, metadata={
+        "help": "Re-initialise weights whose shape differs in --model_name_or_path (a new label set: the class "
+                "heads). Default true here, unlike transformers' examples: a detector is usually fine-tuned on "
+                "other classes; false makes a mismatch an error."})
     demo_burnin: bool | None = field(default=None, metadata={
         "help": "Start from the small supervised burn-in model shipped with the package (the embedded demo). "
                 "Default: on with the synthetic preset when no model, architecture flag or synthetic_overrides is "
@@ -167,7 +186,8 @@ class TrainingArguments:
     num_queries: int | None = field(default=None, metadata={"help": "Matching queries."})
     num_denoising_queries: int | None = field(default=None, metadata={"help": "Denoising budget."})
     num_detections: int | None = field(default=None, metadata={"help": "Detections kept per image."})
-    query_mode: str | None = field(default=None, metadata={"help": "none | cross_view (Semi-DETR) | refined "
+    query_mode: str | None = field(default=None, metadata={"choices": QUERY_MODES,
+                                                           "help": "none | cross_view (Semi-DETR) | refined "
                                                                      "(Sparse Semi-DETR)."})
     use_rpf: bool | None = field(default=None, metadata={"help": "Reliable Pseudo-Label Filtering."})
     rpf_groups: int | None = field(default=None, metadata={"help": "RPF m."})
@@ -178,7 +198,8 @@ class TrainingArguments:
         "help": "RPF: match the m groups of pseudo-labels in one assignment (distinct predictions per copy; "
                 "default) or each group separately (false)."})
     pseudo_label_threshold: float | None = field(default=None, metadata={"help": "Teacher score threshold tau."})
-    qrm_attention_on: str | None = field(default=None, metadata={"help": "QRM attention: low|high|both|none."})
+    qrm_attention_on: str | None = field(default=None, metadata={"choices": ("low", "high", "both", "none"),
+                                                                 "help": "QRM attention: low|high|both|none."})
     qrm_use_similarity: bool | None = field(default=None, metadata={"help": "QRM similarity step."})
     qrm_similarity_threshold: float | None = field(default=None, metadata={"help": "QRM similarity threshold."})
     qrm_reduced_dim: int | None = field(default=None, metadata={"help": "QRM reduced channels."})
@@ -187,11 +208,13 @@ class TrainingArguments:
     box_noise_scale: float | None = field(default=None, metadata={"help": "Denoising box noise."})
     label_noise_ratio: float | None = field(default=None, metadata={"help": "Denoising label noise."})
     class_loss_coefficient: float | None = field(default=None, metadata={"help": "Focal loss weight."})
-    deformable_attention_backend: str | None = field(default=None, metadata={"help": "auto | pytorch | triton."})
+    deformable_attention_backend: str | None = field(default=None, metadata={
+        "choices": ("auto", "pytorch", "triton"), "help": "auto | pytorch | triton."})
     config_overrides: str | None = field(default=None, metadata={"help": "Other config fields: 'k=v,k=v'."})
     # ---------------------------------------------------------------- evaluation, checkpoints, logging, Hub
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (and at the end)."})
-    eval_batch_size: int = field(default=4, metadata={"help": "Evaluation images per process."})
+    eval_batch_size: int = field(default=4, metadata={"aliases": ["--per_device_eval_batch_size"],
+                                                      "help": "Evaluation images per process."})
     eval_at_start: bool | None = field(default=None, metadata={
         "help": "Evaluate before the first step (the start AP). Default: on when starting from a trained model."})
     detection_picture_images: int = field(default=6, metadata={
@@ -203,7 +226,8 @@ class TrainingArguments:
     checkpoints_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint path."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
-    report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb | all."})
+    report_to: str = field(default="none", metadata={"help": "none | all | a tracker (tensorboard, wandb, ...) or "
+                                                             "a comma-separated list."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload every saved model to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id (user/name)."})
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN / login)."})
@@ -253,6 +277,18 @@ class TrainingArguments:
             raise ValueError(f"labeled_percent must be in (0, 100], got {self.labeled_percent}.")
         if self.max_steps < 1 or self.one_to_many_steps < 0:
             raise ValueError("max_steps must be >= 1 and one_to_many_steps >= 0.")
+        if self.num_train_epochs is not None:
+            raise ValueError("--num_train_epochs is not supported: this trainer counts optimizer steps; use "
+                             "--max_steps (one pass over the labeled split is about len(labeled) / "
+                             "(--labeled_batch_size x processes) steps).")
+        for name in ("max_steps", "eval_steps", "checkpointing_steps", "logging_steps", "gradient_accumulation_steps",
+                     "labeled_batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        unknown = set(self.report_to.split(",")) - {"none", "all", *TRACKERS}
+        if unknown:
+            raise ValueError(f"--report_to: unknown tracker(s) {sorted(unknown)}; use none, all or some of "
+                             f"{', '.join(TRACKERS)}.")
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}.")
         if self.labeled_batch_size < 1 or (self.unlabeled_batch_size < 1 and not self.supervised_only):
@@ -289,6 +325,26 @@ class TrainingArguments:
         values."""
         return public_settings({f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
                                path_names=PATH_FIELDS)
+
+
+class _RealDefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` only for real defaults; ``None`` ones are described by :func:`document_defaults`."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def document_defaults(parser) -> None:
+    """Append to each flag's ``--help`` the default it really gets: the presets' values for the flags presets
+    fill, the model config's for model settings (their dataclass default is ``None``, which says nothing)."""
+    parser.formatter_class = _RealDefaultsFormatter
+    for action in parser._actions:
+        by_preset = {name: preset[action.dest] for name, preset in PRESETS.items() if action.dest in preset}
+        if by_preset:
+            values = ", ".join(f"{name}: {value}" for name, value in by_preset.items())
+            action.help = f"{action.help or ''} [default by preset: {values}]".replace("%", "%%")
+        elif action.dest in MODEL_FIELDS and action.default is None:
+            action.help = f"{action.help or ''} [default: the model config's value]"
 
 
 def parse_overrides(text: str | None) -> dict:

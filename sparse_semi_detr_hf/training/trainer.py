@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from datasets import load_from_disk
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from .. import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection, SparseSemiDetrImageProcessor
 from .arguments import TrainingArguments, parse_synthetic_overrides
@@ -105,8 +106,9 @@ def load_data(args: TrainingArguments) -> DataBundle:
         test = synthetic_test_dataset(args)
         name = "synthetic"
     elif args.dataset_name:
-        train = load_hub_detection_dataset(args.dataset_name, args.train_split, args.dataset_config_name)
-        val = load_hub_detection_dataset(args.dataset_name, args.validation_split, args.dataset_config_name)
+        hub = {"cache_dir": args.cache_dir}
+        train = load_hub_detection_dataset(args.dataset_name, args.train_split, args.dataset_config_name, **hub)
+        val = load_hub_detection_dataset(args.dataset_name, args.validation_split, args.dataset_config_name, **hub)
         name = args.dataset_name
     else:
         train = load_coco_folder(args.train_images, args.train_annotations)
@@ -203,7 +205,8 @@ def build_detector(args: TrainingArguments, id2label: dict) -> SparseSemiDetrFor
     kwargs = args.model_config_kwargs()
     if args.model_name_or_path:
         return SparseSemiDetrForObjectDetection.from_pretrained(
-            args.model_name_or_path, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True, **kwargs
+            args.model_name_or_path, id2label=id2label, label2id=label2id, cache_dir=args.cache_dir,
+            trust_remote_code=args.trust_remote_code, ignore_mismatched_sizes=args.ignore_mismatched_sizes, **kwargs
         )
     config = SparseSemiDetrConfig(id2label=id2label, label2id=label2id, **kwargs)
     detector = SparseSemiDetrForObjectDetection(config)
@@ -220,6 +223,16 @@ def build_optimizer(detector, args: TrainingArguments) -> torch.optim.Optimizer:
             (backbone if name.startswith("model.backbone.") else rest).append(parameter)
     groups = [{"params": rest}, {"params": backbone, "lr": args.learning_rate * args.backbone_lr_multiplier}]
     return torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+
+
+def build_scheduler(optimizer, args: TrainingArguments):
+    """``constant`` (the paper): lr after a linear warm-up of ``lr_warmup_steps``; ``linear`` / ``cosine``:
+    transformers' schedules decaying to 0 at ``max_steps`` after the same warm-up."""
+    if args.lr_scheduler_type == "constant":
+        warmup = max(1, args.lr_warmup_steps)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                         num_training_steps=args.max_steps)
 
 
 def _to_device(batch, device):
@@ -249,8 +262,7 @@ class SemiSupervisedTrainer:
         self.config = detector.config
         self.teacher = EMATeacher(detector, momentum_max=args.ema_momentum, warmup=args.ema_warmup)
         self.optimizer = build_optimizer(detector, args)
-        warmup = max(1, args.lr_warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.scheduler = build_scheduler(self.optimizer, args)
         self.student, self.optimizer = self.accelerator.prepare(SemiSupervisedStudent(detector), self.optimizer)
         self.teacher.to(self.accelerator.device)
         self.state = TrainState()

@@ -1,0 +1,81 @@
+"""The command line a transformers user expects: flags carried over from transformers' examples, enumerations
+checked at parse time, errors that name the flag, help that shows the real defaults."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import HfArgumentParser
+
+from sparse_semi_detr_hf.training.arguments import PRESETS, TrainingArguments, document_defaults
+from sparse_semi_detr_hf.training.trainer import build_scheduler
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_ssod.py"
+
+
+def parse(*argv: str) -> TrainingArguments:
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(args=["--output_dir", "x", *argv])
+    return args
+
+
+def test_transformers_example_flags_are_aliases():
+    args = parse("--per_device_train_batch_size", "3", "--per_device_eval_batch_size", "5",
+                 "--dataloader_num_workers", "0", "--num_warmup_steps", "7")
+    assert (args.labeled_batch_size, args.eval_batch_size, args.num_workers, args.lr_warmup_steps) == (3, 5, 0, 7)
+    assert parse("--warmup_steps", "2").lr_warmup_steps == 2
+    assert not parse("--ignore_mismatched_sizes", "false").ignore_mismatched_sizes
+    assert parse("--trust_remote_code", "--cache_dir", "/c").trust_remote_code
+
+
+@pytest.mark.parametrize("flag, value", [("--query_mode", "bogus"), ("--lr_scheduler_type", "exotic"),
+                                         ("--qrm_attention_on", "middle"), ("--preset", "huge"),
+                                         ("--deformable_attention_backend", "cuda")])
+def test_enumerations_are_checked_when_parsing(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        parse(flag, value)
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--report_to", "bogus"], "--report_to: unknown tracker"),
+    (["--num_train_epochs", "3"], "use --max_steps"),
+    (["--eval_steps", "0"], "--eval_steps must be >= 1"),
+    (["--checkpointing_steps", "0"], "--checkpointing_steps must be >= 1"),
+    (["--logging_steps", "0"], "--logging_steps must be >= 1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1"),
+])
+def test_bad_values_name_the_flag(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse(*argv)
+    assert parse("--report_to", "tensorboard,wandb").report_to == "tensorboard,wandb"
+
+
+def test_help_shows_the_defaults_presets_and_the_model_config_give():
+    spec = importlib.util.spec_from_file_location("train_ssod", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = HfArgumentParser(TrainingArguments)
+    document_defaults(parser)
+    text = parser.format_help()
+    assert "(default: None)" not in text
+    assert f"synthetic: {PRESETS['synthetic']['max_steps']}" in text and "paper: 120000" in text
+    assert "the model config's value" in text and "(default: 42)" in text
+    assert module.parse_args(["--output_dir", "x"]).max_steps == PRESETS["synthetic"]["max_steps"]
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_learning_rate_schedules(kind):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, parse("--lr_scheduler_type", kind, "--lr_warmup_steps", "2",
+                                                 "--max_steps", "10"))
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] < rates[2] == pytest.approx(1.0)  # the warm-up
+    if kind == "constant":
+        assert rates[2:] == [1.0] * 8
+    else:
+        assert rates[-1] < 0.2 and all(a >= b for a, b in zip(rates[2:], rates[3:]))
