@@ -156,6 +156,16 @@ class SparseSemiDetrPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     _no_split_modules = None
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``; a model saved with its code (remote code) also maps ``AutoModel``
+        to ``SparseSemiDetrModel``, so ``AutoModel.from_pretrained(..., trust_remote_code=True)`` loads the base
+        model from a detection checkpoint."""
+        if getattr(self, "_auto_class", None) is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", f"{__name__.rsplit('.', 1)[-1]}.SparseSemiDetrModel")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         """DINO initialisation. The timm backbone keeps timm's own init (it is marked as initialized).
 

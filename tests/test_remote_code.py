@@ -46,6 +46,9 @@ REMOTE_SCRIPT = textwrap.dedent(
     model = AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
     assert "sparse_semi_detr_hf" not in type(model).__module__, type(model).__module__
+    from transformers import AutoModel
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert type(base).__name__ == "SparseSemiDetrModel", type(base)
     inputs = torch.load(inputs_path)
     with torch.no_grad():
         logits = model(**inputs).logits

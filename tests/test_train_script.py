@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from huggingface_hub import ModelCard, ModelCardData
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +26,13 @@ TINY = (
     "--eval_batch_size 4 --logging_steps 1"
 ).split()
 DDP_TIMEOUT_S = 420
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _load_script():
@@ -64,6 +72,25 @@ def test_main_writes_results_model_checkpoints_and_tensorboard(tmp_path):
     assert {"loss", "loss_sup", "loss_unsup", "pseudo_per_image"} <= set(saved["last_logged"])
 
     assert sorted(os.listdir(output / "checkpoints")) == ["checkpoint-1", "checkpoint-2"]
+
+    # the final teacher in output_dir itself, as after transformers' Trainer; its card validates
+    final = AutoModelForObjectDetection.from_pretrained(output)
+    assert AutoImageProcessor.from_pretrained(output).size == AutoImageProcessor.from_pretrained(
+        output / "best_model").size
+    card = ModelCard.load(output / "README.md")
+    assert card.data.model_name == "run" and card.data.pipeline_tag == "object-detection"
+    ModelCardData(**card.data.to_dict())  # the metadata validates offline
+    # a checkpoint's teacher / student, exported with the documented command, load and match
+    exporter = _load_example("export_checkpoint")
+    teacher_dir = exporter.main([str(output / "checkpoints" / "checkpoint-2"), "--output_dir", str(tmp_path / "t")])
+    exported = AutoModelForObjectDetection.from_pretrained(teacher_dir)
+    for (name, a), b in zip(final.state_dict().items(), exported.state_dict().values()):
+        assert torch.equal(a, b), name  # the final teacher == the last checkpoint's teacher
+    student_dir = exporter.main([str(output / "checkpoints" / "checkpoint-2"), "--model", "student", "--output_dir",
+                                 str(tmp_path / "s")])
+    assert AutoImageProcessor.from_pretrained(student_dir).size == AutoImageProcessor.from_pretrained(output).size
+    student = AutoModelForObjectDetection.from_pretrained(student_dir).state_dict()
+    assert any(not torch.equal(student[k], v) for k, v in exported.state_dict().items())
 
     processor = AutoImageProcessor.from_pretrained(output / "best_model")
     model = AutoModelForObjectDetection.from_pretrained(output / "best_model").eval()

@@ -104,8 +104,11 @@ class CheckpointFolder:
                 logger.warning("removing an incomplete checkpoint left by an interrupted run: %s", path)
                 shutil.rmtree(path, ignore_errors=True)
 
-    def save(self, accelerator, step: int) -> str:
-        """Save the accelerator's state as ``checkpoint-<step>`` (every process calls this); returns its path."""
+    def save(self, accelerator, step: int, model_config=None) -> str:
+        """Save the accelerator's state as ``checkpoint-<step>`` (every process calls this); returns its path.
+
+        ``model_config`` (a ``PretrainedConfig``) is saved alongside as ``config.json``, so the checkpoint alone
+        can be exported to a loadable model (``examples/export_checkpoint.py``)."""
         final = os.path.join(self.root, f"checkpoint-{step}")
         temporary = os.path.join(self.root, f".tmp-checkpoint-{step}")
         if accelerator.is_main_process:
@@ -115,6 +118,8 @@ class CheckpointFolder:
         accelerator.save_state(output_dir=temporary)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            if model_config is not None:
+                model_config.to_json_file(os.path.join(temporary, "config.json"))
             self._commit(temporary, final, step)
         accelerator.wait_for_everyone()
         return final

@@ -428,7 +428,7 @@ class SemiSupervisedTrainer:
             if evaluate:
                 self.evaluate_and_export()
             if checkpoint:
-                self.checkpoints.save(self.accelerator, step)
+                self.checkpoints.save(self.accelerator, step, self.config)
             self.excluded_seconds += time.perf_counter() - started
 
     def _maybe_resume(self) -> None:
@@ -536,27 +536,45 @@ class SemiSupervisedTrainer:
                 "the labeled burn-in longer (docs/training.md).", rate, self.config.pseudo_label_threshold)
 
     def export(self, detector, name: str, metrics: dict) -> None:
-        """``save_pretrained`` of the model and its image processor, a model card, and the Hub upload."""
+        """``save_pretrained`` of the model and its image processor and a model card into ``output_dir/name``
+        (written aside, then swapped in: a crash leaves the previous complete export), then the Hub upload."""
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
         folder = os.path.join(self.args.output_dir, name)
-        _check_finite(detector, name)
         temporary = f"{folder}.tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
-        detector.save_pretrained(temporary)
-        processor = copy.copy(self.processor)  # weights of the one-to-many stage duplicate: their users need NMS
-        processor.nms_threshold = self.nms_threshold(self.evaluation_stage())
-        processor.save_pretrained(temporary)
-        card = build_model_card(
-            self.args.hub_model_id or name, metrics, self.data.name, self.args.labeled_percent,
-            _scalars(self.args.public_dict()), base_model=self.base_model_id(),
-            dataset_id=self.args.dataset_name,
-        )
-        card.save(os.path.join(temporary, "README.md"))
-        replace_folder(temporary, folder)  # a crash leaves the previous complete export
+        self._write_model(detector, temporary, self.args.hub_model_id or name, metrics)
+        replace_folder(temporary, folder)
         if self.uploader is not None:
             self.uploader.push(folder, f"{name} at step {self.state.step} (AP {metrics['AP']:.4f})")
+
+    def export_final(self, metrics: dict) -> None:
+        """The final teacher into ``output_dir`` itself (``from_pretrained(output_dir)`` loads it, as after
+        transformers' ``Trainer``): written aside, then each file moved into place with ``os.replace``."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        output_dir = self.args.output_dir
+        temporary = os.path.join(output_dir, ".final_model.tmp")
+        name = self.args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
+        self._write_model(self.teacher.model, temporary, name, metrics)
+        for file_name in os.listdir(temporary):
+            os.replace(os.path.join(temporary, file_name), os.path.join(output_dir, file_name))
+        shutil.rmtree(temporary, ignore_errors=True)
+
+    def _write_model(self, detector, folder: str, name: str, metrics: dict) -> None:
+        """Weights (refused when not finite), config, remote code, image processor and model card into ``folder``."""
+        _check_finite(detector, name)
+        shutil.rmtree(folder, ignore_errors=True)
+        detector.save_pretrained(folder)
+        processor = copy.copy(self.processor)  # weights of the one-to-many stage duplicate: their users need NMS
+        processor.nms_threshold = self.nms_threshold(self.evaluation_stage())
+        processor.save_pretrained(folder)
+        card = build_model_card(
+            name, metrics, self.data.name, self.args.labeled_percent, _scalars(self.args.public_dict()),
+            base_model=self.base_model_id(), dataset_id=self.args.dataset_name,
+        )
+        card.save(os.path.join(folder, "README.md"))
 
     def base_model_id(self) -> str | None:
         """The Hub id training started from (``--model_name_or_path``), or None for a local folder or scratch."""
@@ -595,6 +613,7 @@ class SemiSupervisedTrainer:
         test = self.evaluate_test()
         if test is not None:
             results["test"] = test
+        self.export_final(record["teacher"])
         self.write_detection_picture(os.path.join(self.args.output_dir, "teacher_detections.png"))
         if self.accelerator.is_main_process:
             self._write_results(results)
