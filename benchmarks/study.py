@@ -47,7 +47,7 @@ ARMS = {
     "sparse_semi_detr": ["--query_mode", "refined", "--use_rpf", "true"],
 }
 SUPERVISED_FLAGS = ARMS["supervised"]
-EVAL_LINE = re.compile(r"step (\d+): student AP ([0-9.]+), teacher AP ([0-9.]+)")
+EVAL_LINE = re.compile(r"trainer: step (\d+): student AP ([0-9.]+), teacher AP ([0-9.]+)")
 METRICS = ("AP", "AP50", "APs")
 
 

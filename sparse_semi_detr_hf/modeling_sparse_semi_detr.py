@@ -422,3 +422,19 @@ class SparseSemiDetrForObjectDetection(SparseSemiDetrPreTrainedModel):
             decoder_hidden_states=decoded.hidden_states,
         )
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
+
+
+def _declare_object_detection_support() -> None:
+    """Name this model among transformers' object-detection models, so ``pipeline("object-detection")`` does not
+    log that it is unsupported (the pipeline checks a fixed dict of model names, which ``AutoModel.register`` does
+    not reach). Runs on import: with the installed package and with remote code alike."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
+    except ImportError:  # a transformers layout without it: the pipeline only logs a warning then
+        return
+    MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES.setdefault(
+        SparseSemiDetrConfig.model_type, SparseSemiDetrForObjectDetection.__name__
+    )
+
+
+_declare_object_detection_support()
