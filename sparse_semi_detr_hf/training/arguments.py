@@ -97,7 +97,15 @@ class TrainingArguments:
                                                                        "objects.category)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     train_split: str = field(default="train", metadata={"help": "Hub split for training."})
-    validation_split: str = field(default="validation", metadata={"help": "Hub split for evaluation."})
+    validation_split: str = field(default="validation", metadata={
+        "help": "Hub split for evaluation. A dataset without it (e.g. train/test only) gets one carved off the "
+                "training split (--train_val_split)."})
+    train_val_split: float = field(default=0.15, metadata={
+        "help": "Share of the training split held out for evaluation when the dataset has no --validation_split."})
+    bbox_format: str = field(default="xywh", metadata={
+        "choices": ("xywh", "xyxy", "cxcywh"),
+        "help": "Box format of a Hub dataset's objects.bbox, absolute pixels (COCO: xywh). Boxes that do not fit "
+                "their images under it stop the run with an error."})
     train_images: str | None = field(default=None, metadata={"help": "Folder of labeled images (COCO)."})
     train_annotations: str | None = field(default=None, metadata={"help": "COCO instances json of train_images."})
     unlabeled_images: str | None = field(default=None, metadata={"help": "Folder of unlabeled images, or a COCO "
@@ -269,6 +277,8 @@ class TrainingArguments:
             raise ValueError("train_images needs train_annotations (a COCO instances json).")
         if bool(self.val_images) != bool(self.val_annotations):
             raise ValueError("val_images and val_annotations go together.")
+        if not 0 < self.train_val_split < 1:
+            raise ValueError(f"--train_val_split must be in (0, 1), got {self.train_val_split}.")
         if bool(self.test_images) != bool(self.test_annotations):
             raise ValueError("test_images and test_annotations go together.")
         if self.push_to_hub and not self.hub_model_id:

@@ -238,15 +238,36 @@ def _as_dict_of_lists(objects) -> dict:
     return {k: [o[k] for o in objects] for k in keys}
 
 
+BBOX_FORMATS = ("xywh", "xyxy", "cxcywh")  # absolute pixels; "coco" is accepted for "xywh"
+# A box reaching past its image by more than this share of the image side counts as not fitting the image.
+BOX_OVERFLOW_TOLERANCE = 0.02
+# More than this share of such boxes: the declared bbox format is wrong (an error that names --bbox_format).
+MAX_OVERFLOWING_BOXES = 0.05
+
+
+def to_xywh(box: list[float], bbox_format: str) -> list[float]:
+    """One absolute-pixel box in ``bbox_format`` -> COCO ``[x, y, w, h]`` (other lengths are returned as given)."""
+    if len(box) != 4 or bbox_format in ("xywh", "coco"):
+        return box
+    if bbox_format == "xyxy":
+        return [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+    return [box[0] - box[2] / 2, box[1] - box[3] / 2, box[2], box[3]]  # cxcywh
+
+
+def _overflows(box: list[float], width: float, height: float) -> bool:
+    """True when the xywh ``box`` reaches past its ``width x height`` image by more than the tolerance."""
+    x, y, w, h = box
+    tol_x, tol_y = BOX_OVERFLOW_TOLERANCE * width, BOX_OVERFLOW_TOLERANCE * height
+    return x < -tol_x or y < -tol_y or x + w > width + tol_x or y + h > height + tol_y
+
+
 def _normalize_objects(objs: dict, category_key: str, bbox_format: str, name_map: dict | None, next_id: int):
     """Objects of one example in the common layout, and the number of dropped boxes."""
     out = {"id": [], "area": [], "bbox": [], "category": [], "iscrowd": []}
     n = len(objs.get("bbox", []))
     dropped = 0
     for j in range(n):
-        box = [float(v) for v in objs["bbox"][j]]
-        if bbox_format == "xyxy" and len(box) == 4:
-            box = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+        box = to_xywh([float(v) for v in objs["bbox"][j]], bbox_format)
         if not _valid_xywh(box):
             dropped += 1
             continue
@@ -263,13 +284,15 @@ def normalize_detection_dataset(ds: Dataset, bbox_format: str = "coco", image_co
                                 objects_column: str = "objects", category_key: str = "category") -> Dataset:
     """Bring a Hub-style detection dataset (cppe-5 layout) to the common schema.
 
-    Accepts ``objects`` as a dict of lists or a list of dicts with ``bbox`` (``bbox_format`` ``"coco"`` xywh or
-    ``"xyxy"``, absolute pixels) and ``category`` (``ClassLabel``, int or string); ``id``, ``area``, ``iscrowd``,
-    ``image_id``, ``width``, ``height`` are filled in when missing (ids from the row index, sizes from the image
-    header). Invalid boxes are dropped with a logged count.
+    Accepts ``objects`` as a dict of lists or a list of dicts with ``bbox`` (``bbox_format`` ``"xywh"`` = COCO,
+    ``"xyxy"`` or ``"cxcywh"``, absolute pixels) and ``category`` (``ClassLabel``, int or string); ``id``,
+    ``area``, ``iscrowd``, ``image_id``, ``width``, ``height`` are filled in when missing (ids from the row index,
+    sizes from the image header). Invalid boxes (non-finite, no width or height) are dropped with a logged count.
+    If more than 5 % of the boxes reach past their image (by more than 2 % of its side) under the declared
+    format, the format is wrong: a ``ValueError`` names the flag and the boxes (xyxy boxes read as xywh do this).
     """
-    if bbox_format not in ("coco", "xyxy"):
-        raise ValueError(f"bbox_format must be 'coco' or 'xyxy', got {bbox_format!r}")
+    if bbox_format not in (*BBOX_FORMATS, "coco"):
+        raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
     if image_column != "image":
         ds = ds.rename_column(image_column, "image")
     names, name_map = _category_names(ds, objects_column, category_key)
@@ -282,27 +305,54 @@ def normalize_detection_dataset(ds: Dataset, bbox_format: str = "coco", image_co
         w, h = ((example["width"], example["height"]) if {"width", "height"} <= has
                 else _header_size(example["image"]))
         image_id = example["image_id"] if "image_id" in has else idx
-        return {"image_id": image_id, "width": w, "height": h, "objects": objs, "_dropped": dropped}
+        overflowing = sum(_overflows(box, w, h) for box in objs["bbox"])
+        return {"image_id": image_id, "width": w, "height": h, "objects": objs, "_dropped": dropped,
+                "_overflowing": overflowing}
 
     features = detection_features(names)
     features["image"] = Image(decode=False)
     features["_dropped"] = Value("int64")
+    features["_overflowing"] = Value("int64")
     out = ds.map(convert, with_indices=True, features=features,
                  remove_columns=[c for c in ds.column_names if c != "image"])
     _warn_dropped(int(sum(out["_dropped"])), "the dataset", [])
-    out = out.remove_columns("_dropped").cast_column("image", Image())
+    _check_box_format(out, bbox_format)
+    out = out.remove_columns(["_dropped", "_overflowing"]).cast_column("image", Image())
     out.info.description = json.dumps({"category_ids": list(range(len(names)))})
     return out
 
 
+def _check_box_format(ds: Dataset, bbox_format: str) -> None:
+    """Raise when too many boxes do not fit their images under ``bbox_format`` (a wrong declared format)."""
+    overflowing = int(sum(ds["_overflowing"]))
+    boxes = sum(len(objects["bbox"]) for objects in ds["objects"])
+    if boxes and overflowing > MAX_OVERFLOWING_BOXES * boxes:
+        row = next(i for i, count in enumerate(ds["_overflowing"]) if count)
+        example = ds[row]
+        box = next(b for b in example["objects"]["bbox"] if _overflows(b, example["width"], example["height"]))
+        others = [f for f in BBOX_FORMATS if f != ("xywh" if bbox_format == "coco" else bbox_format)]
+        raise ValueError(
+            f"{overflowing} of {boxes} boxes do not fit their image when read as --bbox_format "
+            f"{bbox_format} (e.g. image_id {example['image_id']}: [x, y, w, h] = {[round(v, 1) for v in box]} in "
+            f"a {example['width']}x{example['height']} image). If the dataset's boxes are "
+            f"{' or '.join(others)}, pass --bbox_format {others[0]} (or {others[1]}).")
+
+
 def load_hub_detection_dataset(name: str, split: str = "train", config_name: str | None = None,
-                               revision: str | None = None, bbox_format: str = "coco", **load_kwargs) -> Dataset:
+                               revision: str | None = None, bbox_format: str = "xywh", **load_kwargs) -> Dataset:
     """``datasets.load_dataset(name, config_name, split=split, revision=revision, **load_kwargs)``, then
     :func:`normalize_detection_dataset` (see docs/datasets.md for the expected layout)."""
     from datasets import load_dataset
 
     ds = load_dataset(name, config_name, split=split, revision=revision, **load_kwargs)
     return normalize_detection_dataset(ds, bbox_format=bbox_format)
+
+
+def hub_dataset_splits(name: str, config_name: str | None = None, **load_kwargs) -> list[str]:
+    """The split names of a Hub (or local) dataset, without loading its data."""
+    from datasets import get_dataset_split_names
+
+    return list(get_dataset_split_names(name, config_name, **load_kwargs))
 
 
 # ----------------------------------------------------------------------------------------------- splits

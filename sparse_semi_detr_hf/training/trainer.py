@@ -35,6 +35,7 @@ from .data import (
     collate_unlabeled,
     dataset_id2label,
     load_coco_folder,
+    hub_dataset_splits,
     load_hub_detection_dataset,
     load_unlabeled_images,
     split_labeled_unlabeled,
@@ -106,9 +107,7 @@ def load_data(args: TrainingArguments) -> DataBundle:
         test = synthetic_test_dataset(args)
         name = "synthetic"
     elif args.dataset_name:
-        hub = {"cache_dir": args.cache_dir}
-        train = load_hub_detection_dataset(args.dataset_name, args.train_split, args.dataset_config_name, **hub)
-        val = load_hub_detection_dataset(args.dataset_name, args.validation_split, args.dataset_config_name, **hub)
+        train, val = hub_datasets(args)
         name = args.dataset_name
     else:
         train = load_coco_folder(args.train_images, args.train_annotations)
@@ -130,6 +129,22 @@ def load_data(args: TrainingArguments) -> DataBundle:
         raise ValueError("no unlabeled images: give --unlabeled_images, --labeled_percent < 100, or "
                          "--supervised_only")
     return DataBundle(labeled, unlabeled, val, dataset_id2label(train), name, test)
+
+
+def hub_datasets(args: TrainingArguments):
+    """``(train, val)`` of ``--dataset_name``; without a ``--validation_split`` split, ``--train_val_split`` of the
+    training split is held out for evaluation (deterministically)."""
+    hub = {"cache_dir": args.cache_dir}
+    load = functools.partial(load_hub_detection_dataset, args.dataset_name, config_name=args.dataset_config_name,
+                             bbox_format=args.bbox_format, **hub)
+    splits = hub_dataset_splits(args.dataset_name, args.dataset_config_name, **hub)
+    train = load(split=args.train_split)
+    if args.validation_split in splits:
+        return train, load(split=args.validation_split)
+    logger.warning("%s has no %r split (it has %s): %.0f %% of %r is held out for evaluation (--train_val_split)",
+                   args.dataset_name, args.validation_split, splits, 100 * args.train_val_split, args.train_split)
+    val, train = split_labeled_unlabeled(train, labeled_percent=100 * args.train_val_split, fold=0, seed=12345)
+    return train, val
 
 
 def synthetic_datasets(args: TrainingArguments):
