@@ -1,6 +1,7 @@
 import json
 import logging
 import shutil
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
@@ -93,16 +94,19 @@ def test_push_uploads_model_files_only(tmp_path):
     uploader = HubUploader("user/ssdetr", api=api)
     folder = _model_folder(tmp_path)
     future = uploader.push(folder, commit_message="step 100")
-    assert future is not None and future.done()
+    assert future.result(timeout=30) is not None  # the job ran on the uploader's own thread
     assert uploader.finish() is True
     assert _remote_files(tmp_path / "remote", "user/ssdetr") == MODEL_FILES
     (create,) = api.calls_to("create_repo")
     assert create["exist_ok"] is True and create["private"] is False
     (upload,) = api.calls_to("upload_folder")
-    assert upload["run_as_future"] is True
+    assert upload["run_as_future"] is False  # blocking, on the uploader's daemon thread
     assert upload["commit_message"] == "step 100"
-    assert upload["folder_path"] == str(folder)
+    # a hard-linked snapshot of the folder taken at push time is uploaded, then removed
+    assert Path(upload["folder_path"]).name.startswith(".hub-upload-output-")
+    assert not Path(upload["folder_path"]).exists()
     uploader.push(folder, commit_message="step 200")
+    assert uploader.wait(timeout=30)
     assert len(api.calls_to("create_repo")) == 1  # created lazily, once
     assert len(api.calls_to("upload_folder")) == 2
 
@@ -111,6 +115,7 @@ def test_repo_id_from_create_repo_is_used(tmp_path):
     api = FakeHubApi(tmp_path / "remote")
     uploader = HubUploader("ssdetr", api=api, private=True)
     uploader.push(_model_folder(tmp_path), "first")
+    assert uploader.wait(timeout=30)
     assert api.calls_to("create_repo")[0]["private"] is True
     assert api.calls_to("upload_folder")[0]["repo_id"] == "user/ssdetr"
     assert uploader.finish()
@@ -157,7 +162,7 @@ def test_failed_upload_is_logged_and_retried_with_latest_state(tmp_path, caplog,
     uploader = HubUploader("user/ssdetr", api=api)
     with caplog.at_level(logging.WARNING, logger="sparse_semi_detr_hf.training.hub"):
         uploader.push(_model_folder(tmp_path, step=1), "step 1")  # fails; must not raise
-        assert uploader.needs_retry
+        assert uploader.wait(timeout=30) and uploader.needs_retry
     assert any("upload for user/ssdetr failed" in r.getMessage() for r in caplog.records)
     assert len(uploader.errors) == 1
     assert not (tmp_path / "remote" / "user/ssdetr").exists()
@@ -193,10 +198,12 @@ def test_create_repo_failure_is_logged_and_retried(tmp_path):
     api = FakeHubApi(tmp_path / "remote", fail_create=True)
     uploader = HubUploader("user/ssdetr", api=api)
     uploader.push(_model_folder(tmp_path), "one")  # repo may exist already: the upload is still tried
+    assert uploader.wait(timeout=30)
     assert len(api.calls_to("upload_folder")) == 1
     assert any("create_repo" in e for e in uploader.errors)
     api.fail_create = False
     uploader.push(_model_folder(tmp_path), "two")
+    assert uploader.wait(timeout=30)
     assert len(api.calls_to("create_repo")) == 2
     assert uploader.finish()
 
@@ -208,8 +215,33 @@ def test_finish_times_out_on_hanging_upload(tmp_path):
             return Future()  # never completes
 
     uploader = HubUploader("user/ssdetr", api=HangingApi(tmp_path / "remote"))
+    started = time.monotonic()
     uploader.push(_model_folder(tmp_path), "slow")
-    assert uploader.finish(timeout=0.05) is False
+    assert time.monotonic() - started < 1.0  # push never waits for the Hub
+    assert uploader.finish(timeout=0.05) is False and "still running" in uploader.errors[-1]
+
+
+def test_a_hub_that_never_answers_delays_nothing(tmp_path):
+    """A real ``HfApi`` against a loopback server that accepts connections and never answers: push returns at
+    once, finish returns after its timeout, and the hung request lives on a daemon thread."""
+    import socket
+    import threading
+
+    from huggingface_hub import HfApi
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted = []
+    threading.Thread(target=lambda: [accepted.append(server.accept()) for _ in range(8)], daemon=True).start()
+    api = HfApi(endpoint=f"http://127.0.0.1:{server.getsockname()[1]}", token="hf_" + "x" * 34)
+    uploader = HubUploader("user/ssdetr", api=api, max_retries=0)
+    started = time.monotonic()
+    uploader.push(_model_folder(tmp_path), "never answered")
+    assert time.monotonic() - started < 1.0
+    assert uploader.finish(timeout=2.0) is False
+    assert time.monotonic() - started < 5.0
+    assert uploader._worker._thread.daemon
 
 
 def test_finish_without_push_is_success(tmp_path):
@@ -228,3 +260,29 @@ def test_offline_real_hfapi_fails_gracefully(tmp_path, monkeypatch):
     uploader.push(_model_folder(tmp_path), "offline")
     assert uploader.finish(timeout=60) is False
     assert uploader.errors and all("OfflineModeIsEnabled" in e for e in uploader.errors)
+
+
+def test_an_upload_sends_the_folder_as_it_was_when_pushed(tmp_path):
+    """The next export replaces the folder while the previous upload is still running: the upload is unaffected."""
+    import threading
+
+    from sparse_semi_detr_hf.training.checkpoints import replace_folder
+
+    release = threading.Event()
+
+    class SlowApi(FakeHubApi):
+        def upload_folder(self, **kwargs):
+            release.wait(30)
+            return super().upload_folder(**kwargs)
+
+    api = SlowApi(tmp_path / "remote")
+    uploader = HubUploader("user/ssdetr", api=api)
+    folder = _model_folder(tmp_path, step=1)
+    uploader.push(folder, "step 1")
+    newer = tmp_path / "newer"
+    shutil.copytree(folder, newer)
+    (newer / "config.json").write_text(json.dumps({"model_type": "sparse_semi_detr", "step": 2}))
+    replace_folder(str(newer), str(folder))
+    release.set()
+    assert uploader.finish(timeout=30)
+    assert json.loads((tmp_path / "remote" / "user/ssdetr" / "config.json").read_text())["step"] == 1

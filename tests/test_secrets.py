@@ -76,6 +76,7 @@ def test_uploader_errors_do_not_carry_the_token():
 
     uploader = HubUploader("user/repo", token=CLI_TOKEN, api=LeakyApi())
     uploader.push("folder")
+    assert uploader.wait(timeout=30) and uploader.needs_retry
     assert uploader.errors and not any(CLI_TOKEN in error for error in uploader.errors)
 
 

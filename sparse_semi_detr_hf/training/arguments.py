@@ -240,6 +240,9 @@ class TrainingArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id (user/name)."})
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN / login)."})
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
+    hub_upload_timeout: float = field(default=600.0, metadata={
+        "help": "Seconds the end of training waits for pending Hub uploads (they run on a background thread; "
+                "results.json is written first either way)."})
 
     def __post_init__(self):
         if self.preset is None:

@@ -5,6 +5,11 @@ Nothing here may stop training: every Hub error is logged and remembered, never 
 
 import logging
 import math
+import os
+import queue
+import shutil
+import tempfile
+import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
@@ -31,10 +36,49 @@ DEFAULT_IGNORE_PATTERNS = (
 )
 
 
-def _completed_future(result: Any) -> Future:
-    future: Future = Future()
-    future.set_result(result)
-    return future
+def _snapshot(folder: str) -> str | None:
+    """A copy of ``folder`` made of hard links (instant, no data copied; real copies where links are refused), next
+    to it; None when ``folder`` is not a directory (the upload then reports the error)."""
+    if not os.path.isdir(folder):
+        return None
+    parent = os.path.dirname(os.path.abspath(folder))
+    snapshot = tempfile.mkdtemp(prefix=f".hub-upload-{os.path.basename(os.path.normpath(folder))}-", dir=parent)
+    for root, _, files in os.walk(folder):
+        target = os.path.join(snapshot, os.path.relpath(root, folder))
+        os.makedirs(target, exist_ok=True)
+        for name in files:
+            try:
+                os.link(os.path.join(root, name), os.path.join(target, name))
+            except OSError:
+                shutil.copy2(os.path.join(root, name), os.path.join(target, name))
+    return snapshot
+
+
+class _DaemonWorker:
+    """Runs submitted calls one at a time, in order, on one daemon thread: a call that never returns (a Hub
+    endpoint that accepts the connection and never answers) blocks neither training nor the process's exit."""
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="hub-upload", daemon=True)
+            self._thread.start()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:  # noqa: BLE001 - handed to the future's owner
+                future.set_exception(error)
 
 
 class HubUploader:
@@ -48,10 +92,11 @@ class HubUploader:
         max_retries: how many times :meth:`finish` re-submits the latest folder when its upload failed.
         ignore_patterns: files never uploaded (default :data:`DEFAULT_IGNORE_PATTERNS`).
 
-    Each :meth:`push` submits ``upload_folder(..., run_as_future=True)``; ``HfApi`` runs its futures one at a
-    time in submission order. A failed upload (raised at submission or on its future) is logged and
-    remembered; the next :meth:`push` re-uploads the newest folder, which is the retry (the latest state is what
-    matters). :meth:`finish` waits for pending uploads and reports success.
+    Each :meth:`push` queues one job on the uploader's own daemon thread: ``create_repo(exist_ok=True)`` until it
+    has succeeded once, then ``upload_folder``; jobs run one at a time in submission order, and nothing Hub-related
+    runs on the calling (training) thread. A failed job is logged and remembered; the next :meth:`push`
+    re-uploads the newest folder, which is the retry (the latest state is what matters). :meth:`finish` waits for
+    pending uploads (with a timeout) and reports success.
     """
 
     def __init__(
@@ -74,6 +119,7 @@ class HubUploader:
         self._pending: list[Future] = []
         self._latest: tuple[str, str] | None = None
         self._latest_failed = False
+        self._worker = _DaemonWorker()
 
     @property
     def needs_retry(self) -> bool:
@@ -82,7 +128,8 @@ class HubUploader:
         return self._latest_failed
 
     def _ensure_repo(self) -> None:
-        """Create the repository once (``exist_ok=True``); a failure is logged and tried again next push."""
+        """Create the repository once (``exist_ok=True``); a failure is logged and tried again next push (the
+        upload is attempted anyway: the repository may exist). Runs on the worker thread."""
         if self._repo_ready:
             return
         try:
@@ -92,6 +139,20 @@ class HubUploader:
             return
         self.repo_id = getattr(url, "repo_id", None) or self.repo_id
         self._repo_ready = True
+
+    def _upload(self, folder: str, commit_message: str, snapshot: str | None = None):
+        """The worker thread's job: the repository, then the folder (blocking); ``snapshot`` (a hard-linked copy
+        taken at push time, so a later export that replaces ``folder`` cannot change what is being uploaded) is
+        uploaded instead and removed afterwards."""
+        try:
+            self._ensure_repo()
+            result = self.api.upload_folder(repo_id=self.repo_id, folder_path=snapshot or folder,
+                                            commit_message=commit_message, ignore_patterns=self.ignore_patterns,
+                                            run_as_future=False)
+            return result.result() if isinstance(result, Future) else result
+        finally:
+            if snapshot is not None:
+                shutil.rmtree(snapshot, ignore_errors=True)
 
     def _record_failure(self, what: str, error: BaseException) -> None:
         message = redact_text(f"{what} for {self.repo_id} failed: {type(error).__name__}: {error}", self._secrets)
@@ -111,32 +172,21 @@ class HubUploader:
             self._latest_failed = error is not None
         self._pending = still_pending
 
-    def push(self, folder: str, commit_message: str = "Upload model") -> Future | None:
-        """Upload ``folder`` to the repository in the background; never raises.
-
-        Returns the upload's future, or ``None`` when the submission itself failed (logged, retried next push).
-        """
+    def push(self, folder: str, commit_message: str = "Upload model") -> Future:
+        """Queue the upload of ``folder`` (repository creation included) on the worker thread; never raises,
+        never waits for the Hub. Returns the job's future."""
         self._collect()
         if self._latest_failed:
             logger.info("Retrying the failed Hub upload with the latest state in %s", folder)
         self._latest = (str(folder), commit_message)
-        self._ensure_repo()
-        try:
-            future = self.api.upload_folder(
-                repo_id=self.repo_id,
-                folder_path=str(folder),
-                commit_message=commit_message,
-                ignore_patterns=self.ignore_patterns,
-                run_as_future=True,
-            )
-        except Exception as error:  # noqa: BLE001 - the Hub must never stop training
-            self._record_failure("upload", error)
-            self._latest_failed = True
-            return None
-        if not isinstance(future, Future):
-            future = _completed_future(future)
+        future = self._worker.submit(self._upload, str(folder), commit_message, _snapshot(str(folder)))
         self._pending.append(future)
         return future
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the queued uploads, at most ``timeout`` seconds; True when all finished."""
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        return self._wait(deadline)
 
     def _wait(self, deadline: float) -> bool:
         """Wait for pending futures until ``deadline`` (``time.monotonic``); True when all finished."""
@@ -147,11 +197,14 @@ class HubUploader:
 
     def finish(self, timeout: float | None = None) -> bool:
         """Wait for pending uploads (at most ``timeout`` seconds in all), retry a failed final one up to
-        ``max_retries`` times, and return True when the latest folder is on the Hub. Never raises."""
+        ``max_retries`` times, and return True when the latest folder is on the Hub. Never raises; after the
+        timeout a hung upload is left behind on its daemon thread (it does not keep the process alive)."""
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         try:
             if not self._wait(deadline):
-                logger.warning("Hub upload to %s still running after %s s", self.repo_id, timeout)
+                message = f"upload to {self.repo_id} still running after {timeout} s (the endpoint does not answer)"
+                logger.warning("Hub %s", message)
+                self.errors.append(message)
                 return False
             for attempt in range(self.max_retries):
                 if not self._latest_failed or self._latest is None or time.monotonic() >= deadline:

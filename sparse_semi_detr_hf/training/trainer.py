@@ -633,7 +633,7 @@ class SemiSupervisedTrainer:
         if self.accelerator.is_main_process:
             self._write_results(results)
             if self.uploader is not None:  # written first: a hanging upload must not cost the results
-                results["hub_upload_ok"] = self.uploader.finish()
+                results["hub_upload_ok"] = self.uploader.finish(timeout=self.args.hub_upload_timeout)
                 results["hub_errors"] = list(self.uploader.errors)
                 self._write_results(results)
         return results
