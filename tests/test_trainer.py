@@ -398,6 +398,8 @@ def test_start_evaluation_test_set_and_detection_picture(tmp_path, synthetic_cac
     results = trainer.train()
     assert [r["step"] for r in results["history"]] == [0, 1, 2]
     assert results["history"][0]["student"] == results["history"][0]["teacher"]
+    # each evaluation after training steps records the pseudo-labels' precision / recall since the previous one
+    assert {"pseudo_labels_per_image", "pseudo_precision", "pseudo_recall"} <= set(results["history"][1])
     assert evaluated[0] == ["teacher"]  # the start: one model evaluated once
     assert results["test"]["images"] == 3 and results["test"]["step"] == 2
     assert set(results["test"]["teacher"]) >= {"AP", "AP50", "APs"}

@@ -96,7 +96,9 @@ def _teacher_inference(teacher: nn.Module, batch: dict, stage: str, config, nms_
     stats = {"pseudo_per_image": sum(len(t["boxes"]) for t in strong_targets) / max(1, len(strong_targets))}
     if "gt_labels" in batch:
         quality = pseudo_label_quality(weak_pseudo, batch["gt_labels"])
-        stats.update(pseudo_precision=quality["precision"], pseudo_recall=quality["recall"])
+        stats.update(pseudo_precision=quality["precision"], pseudo_recall=quality["recall"],
+                     pseudo_true_positives=quality["num_true_positive"], pseudo_labels=quality["num_pseudo"],
+                     pseudo_annotated=quality["num_gt"])
     query_inputs = None
     if config.query_mode != "none":
         query_inputs = _query_inputs(state, weak_boxes, strong_targets, batch, config)

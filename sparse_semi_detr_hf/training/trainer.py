@@ -79,18 +79,30 @@ class TrainState:
     def __init__(self):
         self.step, self.history, self.best = 0, [], None
         self.pseudo_labels, self.pseudo_batches = 0.0, 0  # per-image pseudo-label counts since the last evaluation
+        self.quality = [0.0, 0.0, 0.0]  # true positives, pseudo-labels, hidden annotations since the last evaluation
         self.nonfinite_in_a_row, self.skipped_steps = 0, []  # divergence guard: steps skipped for a non-finite norm
 
     def state_dict(self) -> dict:
         return {"step": self.step, "history": self.history, "best": self.best,
                 "pseudo_labels": self.pseudo_labels, "pseudo_batches": self.pseudo_batches,
-                "nonfinite_in_a_row": self.nonfinite_in_a_row, "skipped_steps": self.skipped_steps}
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "skipped_steps": self.skipped_steps,
+                "quality": list(self.quality)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.history, self.best = state["step"], state["history"], state["best"]
         self.pseudo_labels, self.pseudo_batches = state.get("pseudo_labels", 0.0), state.get("pseudo_batches", 0)
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
         self.skipped_steps = list(state.get("skipped_steps", []))
+        self.quality = list(state.get("quality", [0.0, 0.0, 0.0]))
+
+    def take_pseudo_label_quality(self) -> dict:
+        """Precision and recall of the pseudo-labels since the last call (synthetic / split data with hidden
+        annotations; empty otherwise)."""
+        true_positives, labels, annotated = self.quality
+        self.quality = [0.0, 0.0, 0.0]
+        if not annotated:
+            return {}
+        return {"pseudo_precision": true_positives / labels if labels else 1.0, "pseudo_recall": true_positives / annotated}
 
     def take_pseudo_label_rate(self) -> float | None:
         """Mean pseudo-labels per unlabeled image over the batches since the last call (None: no batch)."""
@@ -359,6 +371,9 @@ class SemiSupervisedTrainer:
                 if "pseudo_per_image" in logs:  # a host float (no sync)
                     self.state.pseudo_labels += logs["pseudo_per_image"]
                     self.state.pseudo_batches += 1
+                if "pseudo_annotated" in logs:  # host floats
+                    for i, key in enumerate(("pseudo_true_positives", "pseudo_labels", "pseudo_annotated")):
+                        self.state.quality[i] += logs[key]
                 acc.backward(loss)
                 if acc.sync_gradients:
                     limit = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
@@ -530,6 +545,7 @@ class SemiSupervisedTrainer:
         rate = self.state.take_pseudo_label_rate()
         if rate is not None:
             record["pseudo_labels_per_image"] = rate
+            record.update(self.state.take_pseudo_label_quality())
             self._warn_if_few_pseudo_labels(rate)
         self.state.history.append(record)
         self.accelerator.log({f"{who}/{k}": v for who in ("student", "teacher") for k, v in record[who].items()},
