@@ -48,7 +48,7 @@ ARMS = {
 }
 SUPERVISED_FLAGS = ARMS["supervised"]
 EVAL_LINE = re.compile(r"trainer: step (\d+): student AP ([0-9.]+), teacher AP ([0-9.]+)")
-METRICS = ("AP", "AP50", "APs")
+METRICS = ("AP", "AP50", "AP75", "APs")
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -235,8 +235,8 @@ def curve_markdown(summary: dict, who: str) -> str:
 
 
 def test_markdown(summary: dict) -> str:
-    lines = ["| arm | seeds | teacher AP | teacher AP50 | teacher APs | student AP | student AP50 | student APs |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | seeds | " + " | ".join(f"{who} {m}" for who in ("teacher", "student") for m in METRICS) + " |",
+             "|---|---|" + "---|" * (2 * len(METRICS))]
     for label, arm in summary.items():
         test = arm["test"]
         if test is None:

@@ -226,7 +226,7 @@ def test_pseudo_label_trace_follows_the_ema_setting(tmp_path):
 def _write_results(run_dir: Path, history: list[tuple], test: dict | None = None) -> None:
     """A results.json with evaluations ``(step, teacher AP, student AP, pseudo-labels per image)``."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = lambda ap: {"AP": ap, "AP50": 2 * ap, "APs": ap / 2}  # noqa: E731
+    metrics = lambda ap: {"AP": ap, "AP50": 2 * ap, "AP75": ap, "APs": ap / 2}  # noqa: E731
     records = [{"step": s, "teacher": metrics(t), "student": metrics(u), "pseudo_labels_per_image": p}
                for s, t, u, p in history]
     run_dir.joinpath("results.json").write_text(json.dumps({"history": records, "test": test}))
@@ -270,8 +270,9 @@ def test_study_tables_read_finished_and_stopped_runs(tmp_path):
     """Curves at the steps every seed reached (a stopped run's log lines count), test metrics only when every
     seed has them, mean ± sample std."""
     study = _load("study")
-    test = lambda ap: {"step": 20, "images": 30, "teacher": {"AP": ap, "AP50": 0.5, "APs": 0.1},  # noqa: E731
-                       "student": {"AP": ap / 2, "AP50": 0.4, "APs": 0.1}}
+    test = lambda ap: {"step": 20, "images": 30,  # noqa: E731
+                       "teacher": {"AP": ap, "AP50": 0.5, "AP75": 0.3, "APs": 0.1},
+                       "student": {"AP": ap / 2, "AP50": 0.4, "AP75": 0.2, "APs": 0.1}}
     _write_results(tmp_path / "a_seed0", [(0, 0.1, 0.1, None), (10, 0.2, 0.3, 2.0), (20, 0.3, 0.4, 1.0)], test(0.3))
     _write_results(tmp_path / "a_seed1", [(0, 0.1, 0.1, None), (10, 0.4, 0.5, 4.0), (20, 0.5, 0.6, 3.0)], test(0.5))
     stopped = tmp_path / "b_seed0"
