@@ -59,12 +59,21 @@ def load_model_and_processor(model_id: str, device: str, trust_remote_code: bool
     return model.to(device).eval(), processor
 
 
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """The package's decoding rule (EXIF orientation, 16-bit / float / palette images) when it is installed."""
+    try:
+        from sparse_semi_detr_hf.image_processing_sparse_semi_detr import to_rgb_pil
+    except ImportError:
+        return PIL.ImageOps.exif_transpose(image).convert("RGB")
+    return to_rgb_pil(image)
+
+
 def load_image(path: Path) -> PIL.Image.Image:
     """Decode ``path`` fully, apply its EXIF orientation, convert to RGB; raise ImageLoadError naming the file."""
     try:
         with PIL.Image.open(path) as image:
             image.load()
-            return PIL.ImageOps.exif_transpose(image).convert("RGB")
+            return to_rgb(image)
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
         raise ImageLoadError(f"cannot read image {path}: {err}") from err
 

@@ -122,14 +122,34 @@ def _array_to_rgb_tensor(image: Tensor, default_channels_first: bool, input_data
     return image[:3]
 
 
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb_pil(image: PIL.Image.Image, exif_transpose: bool = True) -> PIL.Image.Image:
+    """Any PIL image -> 8-bit RGB, as displayed: the EXIF orientation applied (``PIL.ImageOps.exif_transpose``,
+    what annotation tools show), 16-bit and 32-bit integer images scaled to 8 bits (``// 257``: 65535 -> 255, not
+    clipped to white), float images scaled from ``[0, 1]`` (or clipped to ``[0, 255]`` when larger), palette images
+    with transparency through RGBA, CMYK / LA / RGBA converted by PIL (alpha dropped). The one decoding rule of
+    training, evaluation, this processor and ``examples/infer.py``."""
+    if exif_transpose:
+        image = PIL.ImageOps.exif_transpose(image)
+    if image.mode in _HIGH_DEPTH_MODES or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            values = values * 255.0 if values.size and values.max() <= 1.0 else values
+        elif values.size and values.max() > 255:
+            values = values / 257.0
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return PIL.Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def _to_rgb_tensor(image: Any, do_exif_transpose: bool, input_data_format: str | None) -> Tensor:
     """PIL / numpy / torch image -> ``(3, H, W)`` tensor, dtype as given (uint8 stays uint8)."""
     if isinstance(image, PIL.Image.Image):
-        if do_exif_transpose:
-            image = PIL.ImageOps.exif_transpose(image)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return tvF.pil_to_tensor(image)
+        return tvF.pil_to_tensor(to_rgb_pil(image, do_exif_transpose))
     if isinstance(image, np.ndarray):
         return _array_to_rgb_tensor(torch.from_numpy(np.ascontiguousarray(image)), False, input_data_format)
     if isinstance(image, Tensor):
@@ -467,4 +487,5 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
         return results
 
 
-__all__ = ["SparseSemiDetrImageProcessor", "convert_coco_annotation", "get_resize_output_size", "pad_images"]
+__all__ = ["SparseSemiDetrImageProcessor", "convert_coco_annotation", "get_resize_output_size", "pad_images",
+           "to_rgb_pil"]

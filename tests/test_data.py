@@ -149,7 +149,7 @@ def test_corrupt_image_skipped_with_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         item = labeled[1]
     assert item["image_id"] == coco["images"][2]["id"]  # deterministic fallback: the next index
-    assert coco["images"][1]["file_name"] in caplog.text and "skipping unreadable image" in caplog.text
+    assert coco["images"][1]["file_name"] in caplog.text and "skipping image" in caplog.text
     pairs = UnlabeledPairDataset(ds, UnlabeledPairTransform(SMALL_VIEWS), seed=0)
     assert [pairs[i]["image_id"] for i in range(3)] == [coco["images"][i]["id"] for i in (0, 2, 2)]
     stream = UnlabeledPairIterableDataset(as_streaming(ds, num_shards=1, shuffle_buffer=0), UnlabeledPairTransform(

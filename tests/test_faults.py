@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from test_trainer import student_detector, tiny_args
@@ -178,3 +179,90 @@ def test_kill_9_at_a_random_moment_then_resume_gives_the_uninterrupted_result(tm
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+# ---------------------------------------------------------------------------------------------- images
+def _exif_rotated_jpeg(path) -> tuple[int, int, int, int]:
+    """A 100 x 200 (w x h) displayed image with a red square, stored as 200 x 100 raw pixels + EXIF orientation 6
+    (rotate 90° clockwise to display). Returns the square's displayed box (x0, y0, x1, y1)."""
+    import PIL.Image
+
+    displayed = np.full((200, 100, 3), 30, np.uint8)
+    displayed[120:170, 20:70] = (230, 20, 20)
+    raw = np.rot90(displayed, k=1)  # orientation 6 displays raw rotated 90° clockwise
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    PIL.Image.fromarray(np.ascontiguousarray(raw)).save(path, exif=exif, quality=95)
+    return 20, 120, 70, 170
+
+
+def test_exif_orientation_is_applied_alike_in_training_and_inference(tmp_path):
+    """A box annotated on the displayed image (as annotation tools show it) covers the object in the training view
+    and in the image processor's input; a json whose width/height are the raw (unrotated) size is skipped with a
+    message that names the EXIF orientation."""
+    import PIL.Image
+
+    from sparse_semi_detr_hf import SparseSemiDetrImageProcessor
+    from sparse_semi_detr_hf.training.data import LabeledDetectionDataset, check_declared_size, decode_image
+
+    box = _exif_rotated_jpeg(tmp_path / "photo.jpg")
+    image = decode_image(str(tmp_path / "photo.jpg"))
+    assert tuple(image.shape[-2:]) == (200, 100)
+    x0, y0, x1, y1 = box
+    assert image[0, y0 + 5:y1 - 5, x0 + 5:x1 - 5].float().mean() > 200  # red inside the annotated box
+    pixels = SparseSemiDetrImageProcessor(do_resize=False, do_normalize=False, do_rescale=False)(
+        PIL.Image.open(tmp_path / "photo.jpg"))["pixel_values"][0]
+    assert torch.equal(pixels.to(torch.uint8), image)  # the processor sees the same pixels as training
+    with pytest.raises(ValueError, match="swapped: the file's EXIF orientation"):
+        check_declared_size({"width": 200, "height": 100}, image)
+
+    from datasets import Dataset
+
+    from sparse_semi_detr_hf.training.data import detection_features
+
+    rows = {"image": [str(tmp_path / "photo.jpg")] * 2, "image_id": [1, 2], "width": [100, 200],
+            "height": [200, 100], "objects": [{"id": [1], "area": [2500.0], "bbox": [[20.0, 120.0, 50.0, 50.0]],
+                                               "category": [0], "iscrowd": [0]}] * 2}
+    ds = Dataset.from_dict(rows, features=detection_features(["square"]))
+    wrapped = LabeledDetectionDataset(ds, lambda img, boxes, labels, rng: SimpleView(img, boxes, labels), seed=0)
+    first, second = wrapped[0], wrapped[1]
+    assert first["image_id"] == 1 and torch.equal(first["boxes"], torch.tensor([[20.0, 120.0, 70.0, 170.0]]))
+    assert second["image_id"] == 1  # image 2 declares the raw size: skipped, the next readable row is used
+
+
+class SimpleView:
+    def __init__(self, image, boxes, labels):
+        self.image, self.boxes, self.labels = image, boxes, labels
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_images_match_their_8_bit_version(mode):
+    import PIL.Image
+
+    from sparse_semi_detr_hf.image_processing_sparse_semi_detr import to_rgb_pil
+
+    eight = np.arange(0, 256, dtype=np.uint8).reshape(16, 16)
+    if mode == "F":
+        deep = PIL.Image.fromarray(eight.astype(np.float32) / 255.0, mode="F")
+    else:
+        deep = PIL.Image.fromarray((eight.astype(np.uint32) * 257).astype(np.uint16 if mode == "I;16" else np.int32))
+    assert deep.mode == mode
+    rgb = np.asarray(to_rgb_pil(deep))
+    assert rgb.shape == (16, 16, 3) and np.abs(rgb[..., 0].astype(int) - eight).max() <= 1
+
+
+def test_a_16_bit_png_file_decodes_like_its_8_bit_version(tmp_path):
+    import PIL.Image
+
+    from sparse_semi_detr_hf import SparseSemiDetrImageProcessor
+    from sparse_semi_detr_hf.training.data import decode_image
+
+    eight = np.arange(0, 256, dtype=np.uint8).reshape(16, 16)
+    PIL.Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    PIL.Image.fromarray(eight).save(tmp_path / "plain.png")
+    deep, plain = decode_image(str(tmp_path / "deep.png")), decode_image(str(tmp_path / "plain.png"))
+    assert (deep.int() - plain.int()).abs().max() <= 1 and plain.float().std() > 50  # not a flat white image
+    processor = SparseSemiDetrImageProcessor(do_resize=False, do_normalize=False)
+    a = processor(PIL.Image.open(tmp_path / "deep.png"))["pixel_values"]
+    b = processor(PIL.Image.open(tmp_path / "plain.png"))["pixel_values"]
+    assert (a - b).abs().max() <= 1.5 / 255

@@ -30,6 +30,7 @@ from datasets.distributed import split_dataset_by_node
 from torch import Tensor
 
 from ..box_ops import box_xyxy_to_cxcywh
+from ..image_processing_sparse_semi_detr import to_rgb_pil
 from .transforms import View
 
 logger = logging.getLogger(__name__)
@@ -207,12 +208,17 @@ def load_unlabeled_images(path: str, images_dir: str | None = None, read_sizes: 
     return Dataset.from_dict(columns, features=Features(features))
 
 
+EXIF_ORIENTATION = 0x0112
+_ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
 def _header_size(path_or_value) -> tuple[int, int]:
-    """``(w, h)`` read from the image header only."""
+    """``(w, h)`` of the image as displayed (EXIF orientation applied), read from the header only."""
     if isinstance(path_or_value, dict):
         path_or_value = io.BytesIO(path_or_value["bytes"]) if path_or_value.get("bytes") else path_or_value["path"]
     with PIL.Image.open(path_or_value) as pil:
-        return pil.size
+        rotated = pil.getexif().get(EXIF_ORIENTATION) in _ROTATED_ORIENTATIONS
+        return pil.size[::-1] if rotated else pil.size
 
 
 # ----------------------------------------------------------------------------------------------- Hub datasets
@@ -425,16 +431,35 @@ def as_streaming(source: Dataset | str, num_shards: int = 64, rank: int | None =
 
 # ----------------------------------------------------------------------------------------------- decoding
 def decode_image(value) -> Tensor:
-    """uint8 ``(3, H, W)`` RGB tensor from a PIL image, an ``{"bytes", "path"}`` dict or a path.
+    """uint8 ``(3, H, W)`` RGB tensor from a PIL image, an ``{"bytes", "path"}`` dict or a path, as displayed:
+    EXIF orientation applied, 16-bit / float / palette / CMYK converted (``to_rgb_pil``, the image processor's rule).
 
     Raises ``OSError``/``ValueError``/``SyntaxError`` for unreadable files (PIL's errors).
     """
     if isinstance(value, dict):
         value = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
     if isinstance(value, PIL.Image.Image):
-        return TF.pil_to_tensor(value.convert("RGB"))
+        return TF.pil_to_tensor(to_rgb_pil(value))
     with PIL.Image.open(value) as pil:
-        return TF.pil_to_tensor(pil.convert("RGB"))
+        return TF.pil_to_tensor(to_rgb_pil(pil))
+
+
+class ImageSizeMismatch(ValueError):
+    """A decoded image whose size differs from the ``width``/``height`` its annotation file declares."""
+
+
+def check_declared_size(row: dict, image: Tensor) -> None:
+    """Raise :class:`ImageSizeMismatch` when ``row`` declares a ``width``/``height`` the decoded (EXIF-oriented)
+    ``image (3, H, W)`` does not have: its boxes would not fit the pixels."""
+    width, height = row.get("width"), row.get("height")
+    if width is None or height is None:
+        return
+    actual_h, actual_w = int(image.shape[-2]), int(image.shape[-1])
+    if (int(width), int(height)) != (actual_w, actual_h):
+        hint = (" (width and height swapped: the file's EXIF orientation rotates it; annotations are expected on "
+                "the displayed image)" if (int(width), int(height)) == (actual_h, actual_w) else "")
+        raise ImageSizeMismatch(f"the annotation declares {width}x{height} but the image decodes to "
+                                f"{actual_w}x{actual_h}{hint}")
 
 
 def _image_name(value) -> str:
@@ -483,10 +508,12 @@ class _DecodingDataset(torch.utils.data.Dataset):
                 continue
             row = self.ds[i]
             try:
-                return row, decode_image(row["image"])
+                image = decode_image(row["image"])
+                check_declared_size(row, image)
+                return row, image
             except _DECODE_ERRORS as err:
                 self._bad.add(i)
-                logger.warning("skipping unreadable image %s (index %d, image_id %s): %s",
+                logger.warning("skipping image %s (index %d, image_id %s): %s",
                                _image_name(row["image"]), i, row.get("image_id"), err)
         raise RuntimeError(f"no readable image within {self.max_skips} indices after {index}")
 
@@ -554,8 +581,9 @@ class UnlabeledPairIterableDataset(torch.utils.data.IterableDataset):
         for row in self.stream:
             try:
                 image = decode_image(row["image"])
+                check_declared_size(row, image)
             except _DECODE_ERRORS as err:
-                logger.warning("skipping unreadable image %s (image_id %s): %s", _image_name(row["image"]),
+                logger.warning("skipping image %s (image_id %s): %s", _image_name(row["image"]),
                                row.get("image_id"), err)
                 continue
             rng = (np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item())) if self.seed is None
