@@ -266,3 +266,92 @@ def test_a_16_bit_png_file_decodes_like_its_8_bit_version(tmp_path):
     a = processor(PIL.Image.open(tmp_path / "deep.png"))["pixel_values"]
     b = processor(PIL.Image.open(tmp_path / "plain.png"))["pixel_values"]
     assert (a - b).abs().max() <= 1.5 / 255
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _coco_folder(root, annotations=None, images=None, write_images=True):
+    """A tiny COCO folder: two 40x30 images, one box each, category 1 'cat'."""
+    import json as _json
+
+    import PIL.Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    images = images if images is not None else [
+        {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+        {"id": 2, "file_name": "b.png", "width": 40, "height": 30}]
+    if write_images:
+        for im in images:
+            PIL.Image.new("RGB", (40, 30), (90, 20, 20)).save(root / im["file_name"])
+    annotations = annotations if annotations is not None else [
+        {"id": 10, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]},
+        {"id": 11, "image_id": 2, "category_id": 1, "bbox": [5, 5, 8, 8]}]
+    path = root / "instances.json"
+    path.write_text(_json.dumps({"images": images, "annotations": annotations,
+                                 "categories": [{"id": 1, "name": "cat"}]}))
+    return root, path
+
+
+def test_data_errors_name_the_file_the_id_and_the_field(tmp_path, caplog):
+    from sparse_semi_detr_hf.training.data import load_coco_folder, load_unlabeled_images
+
+    folder, path = _coco_folder(tmp_path / "ok")
+    path_text = tmp_path / "broken.json"
+    path_text.write_text("this is not json")
+    with pytest.raises(ValueError, match="broken.json is not a JSON file"):
+        load_coco_folder(str(folder), str(path_text))
+    duplicated = [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}] * 2
+    dup_folder, dup_path = _coco_folder(tmp_path / "dup", images=duplicated)
+    with pytest.raises(ValueError, match=r"duplicate image ids \[1\]"):
+        load_coco_folder(str(dup_folder), str(dup_path))
+    with pytest.raises(ValueError, match="is a file: give a folder of images or a COCO json"):
+        load_unlabeled_images(str(folder / "a.png"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_unlabeled_images(str(tmp_path / "nowhere"))
+    bad_box = [{"id": 10, "image_id": 1, "category_id": 1, "bbox": ["1", "1", "5", "x"]},
+               {"id": 11, "image_id": 2, "category_id": 1, "bbox": ["5", "5", "8", "8"]}]
+    box_folder, box_path = _coco_folder(tmp_path / "boxes", annotations=bad_box)
+    with caplog.at_level("WARNING"):
+        ds = load_coco_folder(str(box_folder), str(box_path))
+    assert [len(o["bbox"]) for o in ds["objects"]] == [0, 1] and "dropped 1 annotations" in caplog.text
+    # a corrupt image in a json without sizes: skipped with a warning at load, its annotations with it
+    no_sizes = [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}]
+    corrupt_folder, corrupt_path = _coco_folder(tmp_path / "corrupt", images=no_sizes)
+    (corrupt_folder / "a.png").write_bytes(b"not an image")
+    with caplog.at_level("WARNING"):
+        ds = load_coco_folder(str(corrupt_folder), str(corrupt_path))
+    assert ds["image_id"] == [2] and "skipping unreadable image a.png (image_id 1" in caplog.text
+
+
+def test_an_empty_annotation_list_stops_before_training(tmp_path):
+    from test_trainer import parse
+
+    from sparse_semi_detr_hf.training.trainer import load_data
+
+    folder, path = _coco_folder(tmp_path / "empty", annotations=[])
+    args = parse("--output_dir", str(tmp_path / "out"), "--train_images", str(folder), "--train_annotations",
+                 str(path), "--val_images", str(folder), "--val_annotations", str(path), "--labeled_percent", "50")
+    with pytest.raises(ValueError, match="carry no box at all"):
+        load_data(args)
+
+
+def test_an_unwritable_output_dir_fails_before_step_one(tmp_path, synthetic_cache):
+    if os.geteuid() == 0:  # root writes anywhere: make the output "dir" a file instead
+        blocked = tmp_path / "blocked"
+        blocked.write_text("a file, not a folder")
+        output = blocked / "run"
+    else:
+        blocked = tmp_path / "readonly"
+        blocked.mkdir(mode=0o500)
+        output = blocked / "run"
+    with pytest.raises(PermissionError, match="--output_dir .* is not writable"):
+        SemiSupervisedTrainer(tiny_args(output, synthetic_cache))
+
+
+@pytest.mark.parametrize("argv, message", [(["--fold", "-1"], "--fold must be >= 0"),
+                                           (["--image_scales", "abc"], "--image_scales must be comma-separated"),
+                                           (["--image_scales", "0,96"], "--image_scales must be positive")])
+def test_bad_flags_name_the_flag(argv, message):
+    from test_trainer import parse
+
+    with pytest.raises(ValueError, match=message):
+        parse("--output_dir", "x", *argv)

@@ -280,6 +280,14 @@ class TrainingArguments:
             raise ValueError("train_images needs train_annotations (a COCO instances json).")
         if bool(self.val_images) != bool(self.val_annotations):
             raise ValueError("val_images and val_annotations go together.")
+        if self.fold < 0:
+            raise ValueError(f"--fold must be >= 0, got {self.fold}.")
+        try:
+            scales = self.training_scales
+        except ValueError as err:
+            raise ValueError(f"--image_scales must be comma-separated integers, got {self.image_scales!r}.") from err
+        if not scales or min(scales) < 1:
+            raise ValueError(f"--image_scales must be positive, got {self.image_scales!r}.")
         if not 0 < self.train_val_split < 1:
             raise ValueError(f"--train_val_split must be in (0, 1), got {self.train_val_split}.")
         if bool(self.test_images) != bool(self.test_annotations):

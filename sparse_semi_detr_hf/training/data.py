@@ -83,16 +83,35 @@ def _info(category_ids: Sequence[int], features: Features, **extra) -> DatasetIn
 
 
 def _valid_xywh(bbox) -> bool:
-    if bbox is None or len(bbox) != 4:
+    """A COCO box with 4 finite numbers (numeric strings accepted) and a positive width and height."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         return False
-    x, y, w, h = (float(v) for v in bbox)
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return False
     return all(math.isfinite(v) for v in (x, y, w, h)) and w > 0 and h > 0
 
 
 def _warn_dropped(dropped: int, source: str, examples: list) -> None:
     if dropped:
-        logger.warning("dropped %d annotations with non-finite or non-positive-size boxes from %s (e.g. ids %s)",
-                       dropped, source, examples[:5])
+        logger.warning("dropped %d annotations with malformed, non-finite or non-positive-size boxes from %s "
+                       "(e.g. ids %s)", dropped, source, examples[:5])
+
+
+def read_coco_json(path: str) -> dict:
+    """A COCO json file as a dict, with errors that name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"annotation file {path} does not exist (or is a folder)")
+    try:
+        with open(path) as f:
+            coco = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON file (a COCO instances json is expected): {err}") from err
+    if not isinstance(coco, dict) or not isinstance(coco.get("images", []), list):
+        raise ValueError(f"{path} is not a COCO instances json (a dict with 'images', 'annotations', "
+                         f"'categories')")
+    return coco
 
 
 # ----------------------------------------------------------------------------------------------- COCO folder
@@ -110,26 +129,36 @@ def _coco_images(coco: dict, images_dir: str, source: str) -> list[dict]:
     images = sorted(coco.get("images", []), key=lambda im: im["id"])
     ids = [im["id"] for im in images]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{source}: duplicate image ids")
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"{source}: duplicate image ids {repeated[:5]}")
     missing = [im["file_name"] for im in images if not os.path.isfile(os.path.join(images_dir, im["file_name"]))]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image files listed in {source} are missing under {images_dir}: "
                                 f"{missing[:5]}")
+    readable = []
     for im in images:
-        if "width" not in im or "height" not in im:
-            with PIL.Image.open(os.path.join(images_dir, im["file_name"])) as pil:
-                im["width"], im["height"] = pil.size
-    return images
+        if "width" not in im or "height" not in im:  # read from the header (as displayed: EXIF orientation)
+            try:
+                im["width"], im["height"] = _header_size(os.path.join(images_dir, im["file_name"]))
+            except _DECODE_ERRORS as err:
+                logger.warning("skipping unreadable image %s (image_id %s, listed in %s): %s",
+                               im["file_name"], im["id"], source, err)
+                continue
+        readable.append(im)
+    return readable
 
 
 def _coco_objects(coco: dict, image_ids: set, cat_to_label: dict, source: str) -> dict[int, dict]:
     objects = {i: {"id": [], "area": [], "bbox": [], "category": [], "iscrowd": []} for i in image_ids}
+    skipped_ids = {im.get("id") for im in coco.get("images", [])} - set(image_ids)
     dropped = []
     for ann in coco.get("annotations", []):
         if ann.get("category_id") not in cat_to_label:
             raise ValueError(f"{source}: annotation id {ann.get('id')} (image {ann.get('image_id')}) has unknown "
                              f"category_id {ann.get('category_id')}; known ids: {sorted(cat_to_label)}")
         if ann.get("image_id") not in objects:
+            if ann.get("image_id") in skipped_ids:  # its image was skipped as unreadable
+                continue
             raise ValueError(f"{source}: annotation id {ann.get('id')} refers to unknown image_id "
                              f"{ann.get('image_id')}")
         if not _valid_xywh(ann.get("bbox")):
@@ -154,8 +183,7 @@ def load_coco_folder(images_dir: str, annotations_json: str) -> Dataset:
     ``ValueError`` for annotations with an unknown category or image id; non-finite or non-positive-size boxes
     are dropped with one logged warning.
     """
-    with open(annotations_json) as f:
-        coco = json.load(f)
+    coco = read_coco_json(annotations_json)
     cat_ids, names = _coco_categories(coco, annotations_json)
     images = _coco_images(coco, images_dir, annotations_json)
     objects = _coco_objects(coco, {im["id"] for im in images}, {c: i for i, c in enumerate(cat_ids)},
@@ -185,6 +213,10 @@ def load_unlabeled_images(path: str, images_dir: str | None = None, read_sizes: 
     ``<json dir>/images`` if it exists, else the json's directory). Returns ``Dataset(image, image_id[, width,
     height])`` with lazy images.
     """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--unlabeled_images {path} does not exist")
+    if not os.path.isdir(path) and not path.lower().endswith(".json"):
+        raise ValueError(f"--unlabeled_images {path} is a file: give a folder of images or a COCO json")
     if os.path.isdir(path):
         files = _image_files(path)
         if not files:
@@ -194,8 +226,7 @@ def load_unlabeled_images(path: str, images_dir: str | None = None, read_sizes: 
             sizes = [_header_size(f) for f in files]
             columns.update(width=[s[0] for s in sizes], height=[s[1] for s in sizes])
     else:
-        with open(path) as f:
-            coco = json.load(f)
+        coco = read_coco_json(path)
         if images_dir is None:
             parent = os.path.dirname(os.path.abspath(path))
             images_dir = os.path.join(parent, "images") if os.path.isdir(os.path.join(parent, "images")) else parent

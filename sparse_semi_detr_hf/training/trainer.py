@@ -140,6 +140,9 @@ def load_data(args: TrainingArguments) -> DataBundle:
     elif unlabeled is None or (not isinstance(unlabeled, str) and len(unlabeled) == 0):
         raise ValueError("no unlabeled images: give --unlabeled_images, --labeled_percent < 100, or "
                          "--supervised_only")
+    if not any(objects["bbox"] for objects in labeled["objects"]):
+        raise ValueError(f"the labeled images of {name} carry no box at all (an empty 'annotations' list?): "
+                         "nothing to learn from")
     return DataBundle(labeled, unlabeled, val, dataset_id2label(train), name, test)
 
 
@@ -278,6 +281,7 @@ class SemiSupervisedTrainer:
 
     def __init__(self, args: TrainingArguments, hub_api=None):
         self.args = args
+        _check_writable(args.output_dir)
         project = ProjectConfiguration(project_dir=args.output_dir, automatic_checkpoint_naming=False)
         report_to = None if args.report_to == "none" else args.report_to
         self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -656,6 +660,18 @@ class SemiSupervisedTrainer:
 
     def _write_results(self, results: dict) -> None:
         atomic_write_text(os.path.join(self.args.output_dir, "results.json"), json.dumps(results, indent=2, default=str))
+
+
+def _check_writable(output_dir: str) -> None:
+    """Fail before any training when ``output_dir`` cannot be created or written (not at the first save)."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise PermissionError(f"--output_dir {output_dir} is not writable: {err}") from err
 
 
 def _check_finite(model: torch.nn.Module, name: str) -> None:
