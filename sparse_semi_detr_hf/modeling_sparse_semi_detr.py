@@ -84,7 +84,8 @@ class SparseSemiDetrModelOutput(ModelOutput):
         last_hidden_state: ``(B, K, D)`` final decoder states of the matching queries.
         intermediate_hidden_states: ``(num_layers, B, K, D)``.
         intermediate_logits / intermediate_boxes: ``(num_layers, B, K, C)`` / ``(num_layers, B, K, 4)`` cxcywh.
-        encoder_last_hidden_state: ``(B, S, D)``.
+        encoder_last_hidden_state: ``(B, S, D)``; encoder_hidden_states: with ``output_hidden_states``, the encoder's
+            input and every layer's output, ``(B, S, D)`` each.
         enc_outputs_class / enc_outputs_coord: ``(B, K, C)`` / ``(B, K, 4)`` selected encoder proposals.
         init_reference_points: ``(B, K, 4)`` detached initial anchors.
         dn_logits / dn_boxes: ``(num_layers, B, Ndn, C | 4)`` denoising outputs.
@@ -100,6 +101,7 @@ class SparseSemiDetrModelOutput(ModelOutput):
     intermediate_logits: Tensor | None = None
     intermediate_boxes: Tensor | None = None
     encoder_last_hidden_state: Tensor | None = None
+    encoder_hidden_states: tuple | None = None
     enc_outputs_class: Tensor | None = None
     enc_outputs_coord: Tensor | None = None
     init_reference_points: Tensor | None = None
@@ -136,6 +138,7 @@ class SparseSemiDetrObjectDetectionOutput(ModelOutput):
     intermediate_logits: Tensor | None = None
     intermediate_boxes: Tensor | None = None
     encoder_last_hidden_state: Tensor | None = None
+    encoder_hidden_states: tuple | None = None
     enc_outputs_class: Tensor | None = None
     enc_outputs_coord: Tensor | None = None
     init_reference_points: Tensor | None = None
@@ -150,6 +153,7 @@ class SparseSemiDetrObjectDetectionOutput(ModelOutput):
 
 class SparseSemiDetrPreTrainedModel(PreTrainedModel):
     config_class = SparseSemiDetrConfig
+    supports_gradient_checkpointing = True
     config: SparseSemiDetrConfig
     base_model_prefix = "model"
     main_input_name = "pixel_values"
@@ -251,8 +255,10 @@ class SparseSemiDetrModel(SparseSemiDetrPreTrainedModel):
         """Load timm's ImageNet weights into the backbone (network on first use; never called implicitly)."""
         self.backbone.load_pretrained_weights()
 
-    def encode(self, pixel_values: Tensor, pixel_mask: Tensor | None = None) -> EncoderState:
-        """Backbone, neck, encoder and query selection for ``pixel_values (B, 3, H, W)``, ``pixel_mask (B, H, W)``."""
+    def encode(self, pixel_values: Tensor, pixel_mask: Tensor | None = None,
+               output_hidden_states: bool = False) -> EncoderState:
+        """Backbone, neck, encoder and query selection for ``pixel_values (B, 3, H, W)``, ``pixel_mask (B, H, W)``.
+        ``output_hidden_states``: keep the encoder's input and per-layer outputs (``state.hidden_states``)."""
         batch, _, height, width = pixel_values.shape
         if pixel_mask is None:
             pixel_mask = torch.ones(batch, height, width, dtype=torch.long, device=pixel_values.device)
@@ -272,15 +278,19 @@ class SparseSemiDetrModel(SparseSemiDetrPreTrainedModel):
         spatial_shapes = _shapes_tensor(shapes_list, tokens.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([_valid_ratios(mask, tokens.dtype) for mask in masks], 1)  # (B, L, 2)
+        hidden_states = [] if output_hidden_states else None
         memory = self.encoder(
-            tokens, pos, spatial_shapes, level_start_index, valid_ratios, memory_padding_mask, shapes_list
+            tokens, pos, spatial_shapes, level_start_index, valid_ratios, memory_padding_mask, shapes_list,
+            hidden_states,
         )
         selected = self.query_selection(memory, memory_padding_mask, shapes_list)
-        return EncoderState(
+        state = EncoderState(
             features, masks, self.strides, memory, memory_padding_mask, spatial_shapes, shapes_list,
             level_start_index, valid_ratios, selected.enc_logits, selected.enc_boxes, selected.anchors,
             selected.content,
         )
+        state.hidden_states = tuple(hidden_states) if hidden_states is not None else None
+        return state
 
     def decode(
         self,
@@ -315,13 +325,27 @@ class SparseSemiDetrModel(SparseSemiDetrPreTrainedModel):
         return _split_decoder_outputs(hidden, logits, boxes, groups, dn_meta)
 
     def forward(self, pixel_values: Tensor, pixel_mask: Tensor | None = None, labels=None, extra_query_groups=None,
-                return_dict: bool | None = None, **kwargs) -> SparseSemiDetrModelOutput | tuple:
-        state = self.encode(pixel_values, pixel_mask)
+                return_dict: bool | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, **kwargs) -> SparseSemiDetrModelOutput | tuple:
+        _refuse_attentions(self.config, output_attentions)
+        state = self.encode(pixel_values, pixel_mask, _flag(self.config, "output_hidden_states", output_hidden_states))
         decoded = self.decode(state, labels if self.training else None, extra_query_groups)
         output = _model_output(
             SparseSemiDetrModelOutput, state, decoded, intermediate_hidden_states=decoded.hidden_states
         )
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
+
+
+def _flag(config, name: str, value: bool | None) -> bool:
+    """The call's value of a boolean output option, else the config's."""
+    return bool(value) if value is not None else bool(getattr(config, name, False))
+
+
+def _refuse_attentions(config, output_attentions: bool | None) -> None:
+    if _flag(config, "output_attentions", output_attentions):
+        raise NotImplementedError(
+            "output_attentions is not supported: multi-scale deformable attention samples a few points per head "
+            "and level, there is no attention matrix to return. output_hidden_states is supported.")
 
 
 def _return_dict(config, return_dict: bool | None) -> bool:
@@ -347,6 +371,7 @@ def _model_output(output_class, state: EncoderState, decoded: DecoderState, **ex
         intermediate_logits=decoded.logits,
         intermediate_boxes=decoded.boxes,
         encoder_last_hidden_state=state.memory,
+        encoder_hidden_states=getattr(state, "hidden_states", None),
         enc_outputs_class=state.enc_logits,
         enc_outputs_coord=state.enc_boxes,
         init_reference_points=state.anchors,
@@ -383,6 +408,8 @@ class SparseSemiDetrForObjectDetection(SparseSemiDetrPreTrainedModel):
         denoising: bool | None = None,
         generator: torch.Generator | None = None,
         return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> SparseSemiDetrObjectDetectionOutput | tuple:
         """
@@ -394,8 +421,14 @@ class SparseSemiDetrForObjectDetection(SparseSemiDetrPreTrainedModel):
             assignment: ``"one_to_one"`` (Hungarian) or ``"one_to_many"`` (stage 1 of hybrid matching).
             use_rpf: Reliable Pseudo-Label Filtering in the loss (targets must carry ``scores``).
             denoising: add denoising queries from ``labels``; default: in training mode.
+            output_hidden_states: also return ``encoder_hidden_states`` (the encoder's input and every layer's
+                output, ``(B, S, D)`` each; ``decoder_hidden_states`` are always returned).
+            output_attentions: not supported (deformable attention samples points, it has no attention matrix).
         """
-        state = encoder_state if encoder_state is not None else self.model.encode(pixel_values, pixel_mask)
+        _refuse_attentions(self.config, output_attentions)
+        with_hidden = _flag(self.config, "output_hidden_states", output_hidden_states)
+        state = encoder_state if encoder_state is not None else self.model.encode(pixel_values, pixel_mask,
+                                                                                  with_hidden)
         if denoising is None:
             denoising = self.training
         decoded = self.model.decode(state, labels if denoising else None, extra_query_groups, generator)

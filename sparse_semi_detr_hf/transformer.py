@@ -7,6 +7,7 @@ Shapes: ``B`` images, ``S`` flattened multi-scale tokens, ``L`` feature levels, 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.activations import ACT2FN
 
 from .box_ops import inverse_sigmoid
@@ -63,7 +64,7 @@ class SelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
-class EncoderLayer(nn.Module):
+class EncoderLayer(GradientCheckpointingLayer):
     def __init__(self, config):
         super().__init__()
         d = config.d_model
@@ -102,15 +103,22 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
 
-    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask, shapes_list):
-        """``src``, ``pos``: ``(B, S, D)``; ``padding_mask (B, S)`` True = padding -> memory ``(B, S, D)``."""
+    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask, shapes_list,
+                hidden_states: list | None = None):
+        """``src``, ``pos``: ``(B, S, D)``; ``padding_mask (B, S)`` True = padding -> memory ``(B, S, D)``.
+
+        ``hidden_states``: a list that receives the input and every layer's output (``output_hidden_states``)."""
         reference_points = encoder_reference_points(shapes_list, valid_ratios)
+        if hidden_states is not None:
+            hidden_states.append(src)
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask, shapes_list)
+            if hidden_states is not None:
+                hidden_states.append(src)
         return src
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config):
         super().__init__()
         d = config.d_model
