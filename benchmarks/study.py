@@ -168,14 +168,15 @@ def _folder_evaluations(run_dir: str) -> dict[int, dict]:
         with open(results) as f:
             history = json.load(f)["history"]
         return {r["step"]: {"teacher": r["teacher"]["AP"], "student": r["student"]["AP"],
-                            "pseudo": r.get("pseudo_labels_per_image")} for r in history}
+                            "pseudo": r.get("pseudo_labels_per_image"), "precision": r.get("pseudo_precision"),
+                            "recall": r.get("pseudo_recall")} for r in history}
     log = os.path.join(run_dir, "log.txt")
     if not os.path.exists(log):
         return {}
     with open(log, errors="replace") as f:
         text = f.read()
-    return {int(step): {"teacher": float(teacher), "student": float(student), "pseudo": None}
-            for step, student, teacher in EVAL_LINE.findall(text)}
+    return {int(step): {"teacher": float(teacher), "student": float(student), "pseudo": None, "precision": None,
+                        "recall": None} for step, student, teacher in EVAL_LINE.findall(text)}
 
 
 def stats(values: list[float]) -> dict:
@@ -185,14 +186,16 @@ def stats(values: list[float]) -> dict:
 
 
 def curve(run_dirs: list[str]) -> dict[int, dict]:
-    """Steps every run reached -> {"teacher"|"student": AP x 100 stats, "pseudo": stats of the per-image rate}."""
+    """Steps every run reached -> {"teacher"|"student": AP x 100 stats, "pseudo": stats of the pseudo-labels per
+    unlabeled image since the previous evaluation, "precision" / "recall": of those pseudo-labels (None without)}."""
     runs = [run_evaluations(run_dir) for run_dir in run_dirs]
     common = set.intersection(*(set(run) for run in runs)) if runs else set()
     table = {}
     for step in sorted(common):
         row = {who: stats([100 * run[step][who] for run in runs]) for who in ("teacher", "student")}
-        rates = [run[step]["pseudo"] for run in runs if run[step]["pseudo"] is not None]
-        row["pseudo"] = stats(rates) if rates else None
+        for key in ("pseudo", "precision", "recall"):
+            values = [run[step].get(key) for run in runs if run[step].get(key) is not None]
+            row[key] = stats(values) if values else None
         table[step] = row
     return table
 
@@ -234,6 +237,18 @@ def curve_markdown(summary: dict, who: str) -> str:
     return "\n".join(lines)
 
 
+def pseudo_label_markdown(summary: dict) -> str:
+    """Per arm and step: pseudo-labels per unlabeled image, their precision and recall (interval means)."""
+    lines = ["| arm | step | pseudo-labels / image | precision | recall |", "|---|---|---|---|---|"]
+    for label, arm in summary.items():
+        for step, row in arm["curve"].items():
+            if row["pseudo"] is None:
+                continue
+            cells = [cell(row[key], 2) for key in ("pseudo", "precision", "recall")]
+            lines.append(f"| {label} | {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def test_markdown(summary: dict) -> str:
     lines = ["| arm | seeds | " + " | ".join(f"{who} {m}" for who in ("teacher", "student") for m in METRICS) + " |",
              "|---|---|" + "---|" * (2 * len(METRICS))]
@@ -265,6 +280,7 @@ def report(summary: dict) -> str:
     arms_only = {k: v for k, v in summary.items() if k not in ("burnin", "calibration_100")}
     for who in ("teacher", "student"):
         parts.append(curve_markdown(arms_only, who))
+    parts.append(pseudo_label_markdown(arms_only))
     return "\n\n".join(parts)
 
 

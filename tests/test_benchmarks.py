@@ -288,6 +288,7 @@ def test_study_tables_read_finished_and_stopped_runs(tmp_path):
     assert a["test"]["teacher"]["AP"]["mean"] == pytest.approx(40.0) and b["test"] is None
     text = study.report(summary)
     assert "| a | 2 | 40.0 ± 14.1 |" in text and "| 10 | 30.0 ± 14.1 | 30.0 (1) |" in text
+    assert "| a | 10 | 3.00 ± 1.41 | – | – |" in text  # pseudo-labels per image (no precision recorded here)
     # a run continued in a second folder: evaluations merged, the later folder wins
     more = tmp_path / "a_seed1_more"
     _write_results(more, [(20, 0.9, 0.9, None), (30, 0.7, 0.8, None)])
