@@ -364,7 +364,8 @@ class SemiSupervisedTrainer:
         Divergence guard: when the gradient norm (after the all-reduce, so every process decides alike) is not
         finite, the step changes nothing — no AdamW update, no scheduler step, no EMA update, the student's
         BatchNorm statistics restored from the teacher's copy — and is counted; ``max_nonfinite_steps`` in a
-        row stop training (:class:`DivergenceError`). Costs one host sync per step (reading the norm).
+        row stop training (:class:`DivergenceError`). Costs one host sync per step (reading the norm). With fp16
+        mixed precision the GradScaler's own inf handling applies instead.
         """
         acc, args = self.accelerator, self.args
         stage, finite = self.stage(self.state.step), True
@@ -383,7 +384,9 @@ class SemiSupervisedTrainer:
                     limit = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
                     grad_norm = acc.clip_grad_norm_(self.student.parameters(), limit)
                     logs["grad_norm"] = float(grad_norm)  # the step's one host sync
-                    finite = math.isfinite(logs["grad_norm"])
+                    # fp16 (a GradScaler): the scaler skips inf steps itself and lowers its scale, which needs
+                    # optimizer.step(); its first steps are often inf by design, so they are not divergence
+                    finite = math.isfinite(logs["grad_norm"]) or acc.scaler is not None
                 if finite:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
