@@ -8,7 +8,7 @@ Importing the package registers the model with the Auto classes (``AutoConfig``,
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
 
 from .configuration_sparse_semi_detr import SparseSemiDetrConfig
-from .image_processing_sparse_semi_detr import SparseSemiDetrImageProcessor
+from .image_processing_sparse_semi_detr import SparseSemiDetrImageProcessor, SparseSemiDetrImageProcessorPil
 from .modeling_sparse_semi_detr import (
     SparseSemiDetrForObjectDetection,
     SparseSemiDetrModel,
@@ -23,7 +23,7 @@ AutoModelForObjectDetection.register(SparseSemiDetrConfig, SparseSemiDetrForObje
 try:  # transformers >= 5.x with per-backend processor classes
     AutoImageProcessor.register(
         SparseSemiDetrConfig,
-        image_processor_classes={"torchvision": SparseSemiDetrImageProcessor, "pil": SparseSemiDetrImageProcessor},
+        image_processor_classes={"torchvision": SparseSemiDetrImageProcessor, "pil": SparseSemiDetrImageProcessorPil},
         exist_ok=True,
     )
 except TypeError:  # older signature
@@ -38,6 +38,7 @@ __all__ = [
     "SparseSemiDetrConfig",
     "SparseSemiDetrForObjectDetection",
     "SparseSemiDetrImageProcessor",
+    "SparseSemiDetrImageProcessorPil",
     "SparseSemiDetrModel",
     "SparseSemiDetrPreTrainedModel",
 ]

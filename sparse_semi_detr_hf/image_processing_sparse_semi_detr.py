@@ -1,18 +1,24 @@
 """Image processor of Sparse Semi-DETR: resize, normalize, pad, COCO annotations -> targets, post-processing.
 
+Argument surface: that of transformers' ``DeformableDetrImageProcessor`` (``size`` as ``shortest_edge/longest_edge``,
+``max_height/max_width`` or ``height/width``; ``do_pad``/``pad_size``; ``.pad()``; ``format="coco_detection"``;
+``do_convert_annotations``; ``device``; ``return_tensors``; a torchvision default and a PIL backend,
+``SparseSemiDetrImageProcessorPil``, chosen by ``AutoImageProcessor.from_pretrained(..., backend="pil")``), with the
+same pixels (tests/test_image_processing.py compares both backends with transformers' own processors).
+
 Design: the class subclasses ``transformers.image_processing_utils.BaseImageProcessor`` but implements ``__init__``,
-``__call__``, ``preprocess`` and ``post_process_object_detection`` itself, on torch/torchvision only. It uses nothing
-of the v5 backend machinery (``TorchvisionBackend``/``PilBackend``, ``_preprocess``, ``_set_attributes``,
+``__call__``, ``preprocess``, ``pad`` and ``post_process_object_detection`` itself, on torch/torchvision only. It uses
+nothing of the v5 backend machinery (``TorchvisionBackend``/``PilBackend``, ``_preprocess``, ``_set_attributes``,
 ``SizeDict``), which was reorganised between 5.x minors; what it inherits is the long-stable save/load surface of
 ``ImageProcessingMixin`` (``save_pretrained``/``from_pretrained``/``to_dict``, ``preprocessor_config.json``,
 ``register_for_auto_class``). This keeps the file usable as remote code on transformers 5.17 ... 5.24.
 
-Conventions (docs/architecture.md):
-
-* ``pixel_values (B, 3, H, W)`` float32, ``pixel_mask (B, H, W)`` long, 1 on real pixels, 0 on the bottom/right
-  padding of the batch canvas.
-* Target ``boxes`` are ``cxcywh`` normalized by the **resized, unpadded** image size (not the padded canvas).
-* ``post_process_object_detection`` returns ``xyxy`` boxes in absolute pixels of ``target_sizes``.
+Boxes and padding, as in transformers: with padding, target boxes are normalized by the padded canvas and ``size``
+is the canvas ``(h, w)``. The model predicts in the frame of the image's own pixels when it gets ``pixel_mask`` (its
+reference points are scaled by the unpadded share of each feature map, as in DETR and DINO), so
+``SparseSemiDetrForObjectDetection`` maps each target's boxes from its ``size`` frame into that frame before the loss.
+Pass ``pixel_mask`` to the model: without it the padding counts as image, and boxes post-processed with
+``target_sizes = orig_size`` are stretched by the padding.
 """
 
 import logging
@@ -53,6 +59,15 @@ class SparseSemiDetrImageProcessorKwargs(ImagesKwargs, total=False):
 
     do_exif_transpose: bool | None
     nms_threshold: float | None
+    format: str | None
+    do_convert_annotations: bool | None
+
+
+# The per-call overridable settings of ``preprocess`` (each also a processor attribute).
+_SETTING_NAMES = ("do_exif_transpose", "do_resize", "size", "resample", "do_rescale", "rescale_factor",
+                  "do_normalize", "image_mean", "image_std", "do_pad", "pad_size", "do_convert_annotations", "format")
+# transformers' ImagesKwargs that change nothing here: RGB conversion always happens, images are never grouped.
+_NO_EFFECT_KWARGS = ("do_convert_rgb", "disable_grouping", "default_to_square", "masks_path")
 
 
 def get_resize_output_size(height: int, width: int, shortest_edge: int, longest_edge: int | None) -> tuple[int, int]:
@@ -79,16 +94,71 @@ def get_resize_output_size(height: int, width: int, shortest_edge: int, longest_
     return max(1, new_h), max(1, new_w)
 
 
-def _validate_size(size: Any) -> dict:
-    """``{"shortest_edge": int, "longest_edge": int | None}`` (an int means ``{"shortest_edge": int}``)."""
-    if isinstance(size, int):
-        size = {"shortest_edge": size, "longest_edge": None}
-    if not isinstance(size, dict) or not isinstance(size.get("shortest_edge"), int) or size["shortest_edge"] <= 0:
-        raise ValueError(f"size must be a dict with a positive int 'shortest_edge' (and 'longest_edge'), got {size!r}")
-    longest = size.get("longest_edge")
-    if longest is not None and (not isinstance(longest, int) or longest < size["shortest_edge"]):
-        raise ValueError(f"size['longest_edge'] must be None or an int >= shortest_edge, got {size!r}")
-    return {"shortest_edge": size["shortest_edge"], "longest_edge": longest}
+SIZE_FORMS = ("{'shortest_edge', 'longest_edge'}", "{'max_height', 'max_width'}", "{'height', 'width'}")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _validate_size(size: Any, max_size: int | None = None) -> dict:
+    """One of transformers' DETR ``size`` forms -> a validated dict.
+
+    * ``{"shortest_edge": s, "longest_edge": l}`` (or an int ``s``; ``longest_edge`` may be ``None`` / ``max_size``):
+      the DETR rule, aspect ratio kept.
+    * ``{"max_height": h, "max_width": w}``: the largest aspect-preserving size within ``h x w`` (small images are
+      enlarged, as in transformers).
+    * ``{"height": h, "width": w}`` (or a pair ``(h, w)``): exactly ``h x w``, aspect ratio not kept.
+    """
+    if _positive_int(size):
+        size = {"shortest_edge": size, "longest_edge": max_size}
+    elif isinstance(size, (tuple, list)) and len(size) == 2:
+        size = {"height": size[0], "width": size[1]}
+    if not isinstance(size, dict):
+        raise ValueError(f"size must be one of {', '.join(SIZE_FORMS)} (or an int shortest edge), got {size!r}")
+    if "shortest_edge" in size:
+        longest = size.get("longest_edge", max_size)
+        if not _positive_int(size["shortest_edge"]) or (longest is not None and (
+                not _positive_int(longest) or longest < size["shortest_edge"])):
+            raise ValueError(f"size needs a positive int shortest_edge and a longest_edge that is None or an int "
+                             f">= shortest_edge, got {size!r}")
+        return {"shortest_edge": size["shortest_edge"], "longest_edge": longest}
+    for first, second in (("max_height", "max_width"), ("height", "width")):
+        if first in size or second in size:
+            if not (_positive_int(size.get(first)) and _positive_int(size.get(second))):
+                raise ValueError(f"size needs positive ints {first!r} and {second!r}, got {size!r}")
+            return {first: size[first], second: size[second]}
+    raise ValueError(f"size must be one of {', '.join(SIZE_FORMS)}, got {size!r}")
+
+
+def resize_output_size(height: int, width: int, size: dict) -> tuple[int, int]:
+    """``(new_height, new_width)`` of an image of ``height x width`` under a validated ``size`` (any form)."""
+    if "shortest_edge" in size:
+        return get_resize_output_size(height, width, size["shortest_edge"], size["longest_edge"])
+    if "max_height" in size:  # transformers' get_image_size_for_max_height_width
+        scale = min(size["max_height"] / height, size["max_width"] / width)
+        return max(1, int(height * scale)), max(1, int(width * scale))
+    return size["height"], size["width"]
+
+
+def _validate_pad_size(pad_size: Any) -> dict | None:
+    """``None`` (pad to the batch's largest image) or ``{"height": int, "width": int}`` (a fixed canvas)."""
+    if pad_size is None:
+        return None
+    if isinstance(pad_size, (tuple, list)) and len(pad_size) == 2:
+        pad_size = {"height": pad_size[0], "width": pad_size[1]}
+    if not isinstance(pad_size, dict) or not (_positive_int(pad_size.get("height"))
+                                              and _positive_int(pad_size.get("width"))):
+        raise ValueError(f"pad_size must be None or {{'height': int, 'width': int}}, got {pad_size!r}")
+    return {"height": pad_size["height"], "width": pad_size["width"]}
+
+
+def _validate_format(format: Any) -> str:
+    value = str(getattr(format, "value", format))
+    if value != "coco_detection":
+        raise ValueError(f"format={value!r} is not supported: this detector takes 'coco_detection' annotations "
+                         f"(no segmentation head, so no 'coco_panoptic')")
+    return value
 
 
 def _channels_first(shape: Sequence[int], default_channels_first: bool, input_data_format: str | None) -> bool:
@@ -201,7 +271,8 @@ def _validate_objects(objects: Any, name: str) -> tuple[Tensor, Tensor, Tensor, 
 
 
 def convert_coco_annotation(
-    annotation: dict, orig_size: tuple[int, int], new_size: tuple[int, int], name: str = "image"
+    annotation: dict, orig_size: tuple[int, int], new_size: tuple[int, int], name: str = "image",
+    normalize: bool = True,
 ) -> dict[str, Tensor]:
     """One COCO-detection dict -> a training target of the resized image.
 
@@ -214,7 +285,8 @@ def convert_coco_annotation(
         ``class_labels (n,)`` long, ``boxes (n, 4)`` float32 cxcywh normalized by ``new_size`` (the unpadded resized
         image), ``image_id (1,)``, ``area (n,)`` float32 scaled to ``new_size``, ``iscrowd (n,)``, ``orig_size (2,)``
         and ``size (2,)`` long ``(h, w)``. Boxes are clipped to the image; boxes with no width or height after
-        clipping and crowd objects (``iscrowd=1``) are dropped, as in DETR, so ``iscrowd`` is all zeros.
+        clipping and crowd objects (``iscrowd=1``) are dropped, as in DETR, so ``iscrowd`` is all zeros. With
+        ``normalize=False`` (``do_convert_annotations=False``) boxes are absolute ``xyxy`` pixels of ``new_size``.
     """
     if not isinstance(annotation, dict) or "annotations" not in annotation or "image_id" not in annotation:
         raise ValueError(f"{name}: expected a dict with 'image_id' and 'annotations', got {annotation!r}")
@@ -230,9 +302,13 @@ def convert_coco_annotation(
     keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1]) & (crowd == 0)
     normalized = xyxy[keep] / torch.tensor([orig_w, orig_h, orig_w, orig_h], dtype=torch.float64)
     area_scale = (new_h * new_w) / (orig_h * orig_w)
+    if normalize:
+        boxes = box_xyxy_to_cxcywh(normalized)
+    else:
+        boxes = normalized * torch.tensor([new_w, new_h, new_w, new_h], dtype=torch.float64)
     return {
         "class_labels": classes[keep],
-        "boxes": box_xyxy_to_cxcywh(normalized).to(torch.float32),
+        "boxes": boxes.to(torch.float32),
         "image_id": torch.tensor([image_id], dtype=torch.long),
         "area": (areas[keep] * area_scale).to(torch.float32),
         "iscrowd": crowd[keep],
@@ -241,19 +317,65 @@ def convert_coco_annotation(
     }
 
 
-def pad_images(images: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """List of ``(3, h_i, w_i)`` -> ``pixel_values (B, 3, H, W)`` zero-padded bottom/right and ``pixel_mask (B, H, W)``
-    long (1 = real pixel), with ``H, W`` the batch maxima. Device and dtype follow the first image."""
+def pad_images(images: list[Tensor], pad_size: dict | None = None, fill: float = 0.0) -> tuple[Tensor, Tensor]:
+    """List of ``(C, h_i, w_i)`` -> ``pixel_values (B, C, H, W)`` padded bottom/right with ``fill`` and
+    ``pixel_mask (B, H, W)`` long (1 = real pixel). ``(H, W)``: ``pad_size`` when given (an image larger than it is an
+    error), else the batch maxima. Device and dtype follow the first image."""
     height = max(image.shape[-2] for image in images)
     width = max(image.shape[-1] for image in images)
+    if pad_size is not None:
+        if height > pad_size["height"] or width > pad_size["width"]:
+            raise ValueError(f"pad_size {pad_size} is smaller than a processed image ({height}x{width} at most); "
+                             f"make pad_size at least the resize bound (size)")
+        height, width = pad_size["height"], pad_size["width"]
     first = images[0]
-    pixel_values = first.new_zeros((len(images), 3, height, width))
+    pixel_values = first.new_full((len(images), first.shape[0], height, width), fill)
     pixel_mask = torch.zeros((len(images), height, width), dtype=torch.long, device=first.device)
     for i, image in enumerate(images):
         h, w = image.shape[-2:]
         pixel_values[i, :, :h, :w] = image.to(first.device)
         pixel_mask[i, :h, :w] = 1
     return pixel_values, pixel_mask
+
+
+def _stack_unpadded(images: list[Tensor]) -> Tensor:
+    """``do_pad=False``: images of one size -> ``(B, 3, H, W)``; different sizes are an error."""
+    shapes = sorted({tuple(image.shape[-2:]) for image in images})
+    if len(shapes) > 1:
+        raise ValueError(f"do_pad=False needs images of one size after resizing, got sizes {shapes}; keep do_pad=True "
+                         f"(pixel_mask marks the padding) or resize to a fixed size={{'height': h, 'width': w}}")
+    return torch.stack(images)
+
+
+def _refuse_unsupported(return_segmentation_masks: Any, data_format: Any, kwargs: dict) -> None:
+    """Errors for what this detector cannot do, a warning for arguments it does not know."""
+    if return_segmentation_masks:
+        raise ValueError("return_segmentation_masks=True is not supported: Sparse Semi-DETR is a box detector")
+    if data_format is not None and str(getattr(data_format, "value", data_format)) != "channels_first":
+        raise ValueError(f"data_format={data_format!r} is not supported: pixel_values are channels_first")
+    unknown = sorted(key for key in kwargs if key not in _NO_EFFECT_KWARGS)
+    if unknown:
+        logger.warning("SparseSemiDetrImageProcessor ignores unknown arguments %s", unknown)
+
+
+def _to_canvas(target: dict, canvas: tuple[int, int], update_boxes: bool) -> dict:
+    """A target whose boxes are normalized cxcywh by ``target["size"]`` -> the same boxes normalized by the padded
+    ``canvas (H, W)`` (padding is bottom/right, so only the scale changes), ``size`` set to the canvas. Boxes are left
+    as they are with ``update_boxes=False`` (absolute boxes) or when the target has no ``size``."""
+    if "size" not in target:
+        return target
+    size = torch.as_tensor(target["size"])
+    target = dict(target)
+    if update_boxes:
+        height, width = (float(v) for v in size)
+        scale = torch.tensor([width / canvas[1], height / canvas[0]] * 2, dtype=target["boxes"].dtype)
+        target["boxes"] = target["boxes"] * scale.to(target["boxes"].device)
+    target["size"] = torch.tensor(canvas, dtype=torch.long, device=size.device)
+    return target
+
+
+def _labels_to(labels: list[dict], device: Any) -> list[dict]:
+    return [{key: value.to(device) for key, value in target.items()} for target in labels]
 
 
 def _validate_nms_threshold(value: Any) -> float | None:
@@ -275,21 +397,29 @@ def _get_output(outputs: Any, name: str) -> Tensor:
 
 
 class SparseSemiDetrImageProcessor(BaseImageProcessor):
-    r"""Image processor for Sparse Semi-DETR (DINO-style detector).
+    r"""Image processor for Sparse Semi-DETR (DINO-style detector); arguments as transformers'
+    ``DeformableDetrImageProcessor``.
 
-    ``preprocess``: image(s) -> EXIF orientation (PIL inputs) -> RGB -> DETR resize (shortest edge 800, longest
-    ≤ 1333) -> rescale -> ImageNet normalization -> zero padding to the batch's max ``(H, W)`` with ``pixel_mask``.
+    ``preprocess``: image(s) -> EXIF orientation (PIL inputs) -> RGB -> resize (``size``: DETR rule by default,
+    shortest edge 800, longest ≤ 1333) -> rescale -> ImageNet normalization -> zero padding bottom/right to the
+    batch's largest image or to ``pad_size``, with ``pixel_mask``.
 
     Inputs: PIL images (any mode; converted to RGB), numpy arrays (``HWC``, or ``HW`` grayscale), torch tensors
     (``CHW``, or ``HWC`` when the layout is unambiguous), with 1 (gray, repeated), 3 or 4 (alpha dropped) channels.
     Integer images (uint8) are multiplied by ``rescale_factor`` when ``do_rescale``; floating-point images are taken
     to be in ``[0, 1]`` already and are never rescaled (torchvision convention; a warning is logged if one has values
-    above 1). ``annotations`` are assumed to refer to the image as displayed, i.e. after EXIF orientation
-    (set ``do_exif_transpose=False`` for datasets annotated on the raw pixel array).
+    above 1). ``annotations`` (``format="coco_detection"``: ``{"image_id", "annotations": [{"bbox": xywh, ...}]}``)
+    are assumed to refer to the image as displayed, i.e. after EXIF orientation (set ``do_exif_transpose=False`` for
+    datasets annotated on the raw pixel array).
+
+    Backends: this class resizes with torchvision (``backend="torchvision"``, transformers' default);
+    :class:`SparseSemiDetrImageProcessorPil` resizes with PIL (``AutoImageProcessor.from_pretrained(...,
+    backend="pil")``). ``device`` runs the processing on that device and returns tensors there.
     """
 
     model_input_names = ["pixel_values", "pixel_mask"]
     valid_kwargs = SparseSemiDetrImageProcessorKwargs
+    backend = "torchvision"
 
     def __init__(
         self,
@@ -302,15 +432,21 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
         do_normalize: bool = True,
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
+        do_pad: bool = True,
+        pad_size: dict | None = None,
+        do_convert_annotations: bool | None = None,
+        format: str = "coco_detection",
         nms_threshold: float | None = None,
         **kwargs,
     ) -> None:
-        kwargs.pop("image_processor_type", None)
-        kwargs.pop("processor_class", None)
+        max_size = kwargs.pop("max_size", None)  # transformers' legacy DETR argument: the longest edge
+        do_pad = kwargs.pop("pad_and_return_pixel_mask", do_pad)  # its legacy name of do_pad
+        for key in ("image_processor_type", "processor_class", "backend", "use_fast"):
+            kwargs.pop(key, None)
         super().__init__(**kwargs)
         self.do_exif_transpose = bool(do_exif_transpose)
         self.do_resize = bool(do_resize)
-        self.size = _validate_size(dict(DEFAULT_SIZE) if size is None else size)
+        self.size = _validate_size(dict(DEFAULT_SIZE) if size is None else size, max_size)
         self.resample = self._validate_resample(resample)
         self.do_rescale = bool(do_rescale)
         self.rescale_factor = float(rescale_factor)
@@ -319,6 +455,13 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
         self.image_std = [float(v) for v in (IMAGENET_DEFAULT_STD if image_std is None else image_std)]
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
             raise ValueError(f"image_mean/image_std need 3 values (std > 0), got {self.image_mean}, {self.image_std}")
+        self.do_pad = bool(do_pad)
+        self.pad_size = _validate_pad_size(pad_size)
+        # transformers' rule: annotations are converted (normalized cxcywh) when not said otherwise, unless
+        # do_normalize is off.
+        self.do_convert_annotations = self.do_normalize if do_convert_annotations is None else bool(
+            do_convert_annotations)
+        self.format = _validate_format(format)
         self.nms_threshold = _validate_nms_threshold(nms_threshold)
 
     @staticmethod
@@ -329,16 +472,34 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
         return code
 
     def to_dict(self) -> dict[str, Any]:
-        """Serializable settings (``preprocessor_config.json``)."""
+        """Serializable settings (``preprocessor_config.json``). ``auto_map`` names both backends (``[pil,
+        torchvision]``, the form transformers resolves by ``backend``), so remote code honours ``backend="pil"``."""
         output = super().to_dict()
-        for key in [k for k in output if k.startswith("_")]:
-            output.pop(key)
-        output["image_processor_type"] = type(self).__name__
+        for key in [k for k in output if k.startswith("_")] + ["backend"]:
+            output.pop(key, None)
+        output["image_processor_type"] = SparseSemiDetrImageProcessor.__name__
+        auto_map = output.get("auto_map")
+        if isinstance(auto_map, dict) and isinstance(auto_map.get("AutoImageProcessor"), str):
+            module = auto_map["AutoImageProcessor"].rsplit(".", 1)[0]
+            auto_map = dict(auto_map)
+            auto_map["AutoImageProcessor"] = [f"{module}.{SparseSemiDetrImageProcessorPil.__name__}",
+                                              f"{module}.{SparseSemiDetrImageProcessor.__name__}"]
+            output["auto_map"] = auto_map
         return output
 
     def __call__(self, images: Any, annotations: list[dict] | dict | None = None, **kwargs) -> BatchFeature:
         """Same as :meth:`preprocess`."""
         return self.preprocess(images, annotations=annotations, **kwargs)
+
+    def _settings(self, overrides: dict) -> dict:
+        """The processor's settings with the non-``None`` ``overrides`` of one call, validated."""
+        settings = {key: getattr(self, key) for key in _SETTING_NAMES}
+        settings.update({key: value for key, value in overrides.items() if value is not None})
+        settings["size"] = _validate_size(settings["size"])
+        settings["resample"] = self._validate_resample(settings["resample"])
+        settings["pad_size"] = _validate_pad_size(settings["pad_size"])
+        settings["format"] = _validate_format(settings["format"])
+        return settings
 
     def preprocess(
         self,
@@ -354,30 +515,30 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
         do_normalize: bool | None = None,
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
+        do_pad: bool | None = None,
+        pad_size: dict | None = None,
+        do_convert_annotations: bool | None = None,
+        format: str | None = None,
+        return_segmentation_masks: bool | None = None,
         input_data_format: str | None = None,
+        data_format: str | None = None,
+        device: Any = None,
         **kwargs,
     ) -> BatchFeature:
         """Image(s) (+ COCO annotations) -> model inputs.
 
-        Returns a ``BatchFeature`` with ``pixel_values (B, 3, H, W)`` float32, ``pixel_mask (B, H, W)`` long and,
-        when ``annotations`` are given (one dict per image), ``labels``: a list of target dicts (torch tensors; see
-        :func:`convert_coco_annotation`). Arguments left ``None`` take the processor's settings. ``return_tensors``
-        may be ``None``/``"pt"`` (torch) or ``"np"`` (pixel arrays as numpy; labels stay torch).
+        Returns a ``BatchFeature`` with ``pixel_values (B, 3, H, W)`` float32, ``pixel_mask (B, H, W)`` long (when
+        ``do_pad``) and, when ``annotations`` are given (one dict per image), ``labels``: a list of target dicts
+        (torch tensors; see :func:`convert_coco_annotation`). Arguments left ``None`` take the processor's settings.
+        ``return_tensors`` may be ``None``/``"pt"`` (torch) or ``"np"`` (pixel arrays as numpy; labels stay torch).
         """
-        if kwargs:
-            logger.warning("SparseSemiDetrImageProcessor.preprocess ignores unknown arguments %s", sorted(kwargs))
-        settings = {
-            "do_exif_transpose": self.do_exif_transpose if do_exif_transpose is None else do_exif_transpose,
-            "do_resize": self.do_resize if do_resize is None else do_resize,
-            "size": self.size if size is None else _validate_size(size),
-            "resample": self.resample if resample is None else self._validate_resample(resample),
-            "do_rescale": self.do_rescale if do_rescale is None else do_rescale,
-            "rescale_factor": self.rescale_factor if rescale_factor is None else rescale_factor,
-            "do_normalize": self.do_normalize if do_normalize is None else do_normalize,
-            "image_mean": self.image_mean if image_mean is None else list(image_mean),
-            "image_std": self.image_std if image_std is None else list(image_std),
-            "input_data_format": input_data_format,
-        }
+        _refuse_unsupported(return_segmentation_masks, data_format, kwargs)
+        settings = self._settings({
+            "do_exif_transpose": do_exif_transpose, "do_resize": do_resize, "size": size, "resample": resample,
+            "do_rescale": do_rescale, "rescale_factor": rescale_factor, "do_normalize": do_normalize,
+            "image_mean": image_mean, "image_std": image_std, "do_pad": do_pad, "pad_size": pad_size,
+            "do_convert_annotations": do_convert_annotations, "format": format,
+        })
         images = _to_image_list(images)
         if not images:
             raise ValueError("preprocess needs at least one image")
@@ -388,54 +549,102 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
 
         processed, labels = [], []
         for i, image in enumerate(images):
-            pixels, orig_size = self._process_image(image, **settings)
+            pixels, orig_size = self._process_image(image, settings, input_data_format, device)
             processed.append(pixels)
             if annotations is not None:
                 name = _image_name(i, annotations[i])
-                labels.append(convert_coco_annotation(annotations[i], orig_size, tuple(pixels.shape[-2:]), name))
-        pixel_values, pixel_mask = pad_images(processed)
-        encoded = BatchFeature(
-            data={"pixel_values": pixel_values, "pixel_mask": pixel_mask},
-            tensor_type=None if return_tensors in (None, "pt") else return_tensors,
-        )
+                labels.append(convert_coco_annotation(annotations[i], orig_size, tuple(pixels.shape[-2:]), name,
+                                                      normalize=settings["do_convert_annotations"]))
+        if settings["do_pad"]:
+            pixel_values, pixel_mask = pad_images(processed, settings["pad_size"])
+            data = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+            canvas = tuple(pixel_values.shape[-2:])
+            labels = [_to_canvas(target, canvas, settings["do_convert_annotations"]) for target in labels]
+        else:
+            data = {"pixel_values": _stack_unpadded(processed)}
+        encoded = BatchFeature(data=data, tensor_type=None if return_tensors in (None, "pt") else return_tensors)
         if annotations is not None:
-            encoded["labels"] = labels
+            encoded["labels"] = labels if device is None else _labels_to(labels, device)
         return encoded
 
-    def _process_image(
+    def pad(
         self,
-        image: Any,
-        do_exif_transpose: bool,
-        do_resize: bool,
-        size: dict,
-        resample: int,
-        do_rescale: bool,
-        rescale_factor: float,
-        do_normalize: bool,
-        image_mean: list[float],
-        image_std: list[float],
-        input_data_format: str | None,
-    ) -> tuple[Tensor, tuple[int, int]]:
-        """One raw image -> ``((3, h, w) float32 normalized, (orig_h, orig_w))``."""
-        image = _to_rgb_tensor(image, do_exif_transpose, input_data_format)
+        images: Any,
+        annotations: list[dict] | dict | None = None,
+        return_pixel_mask: bool = True,
+        return_tensors: str | None = None,
+        pad_size: dict | None = None,
+        constant_values: float = 0.0,
+        device: Any = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Pad already processed images to one canvas: what a collate function needs for variable-size examples.
+
+        Args:
+            images: a list of ``(3, h_i, w_i)`` tensors or arrays (e.g. each example's ``pixel_values``), or one
+                ``(B, 3, h, w)`` batch.
+            annotations: the matching target dicts (from :meth:`preprocess`), returned as ``labels`` with their
+                boxes re-normalized from their ``size`` to the new canvas and ``size`` set to it (boxes unchanged
+                with ``update_bboxes=False``, e.g. absolute ones).
+            pad_size: ``{"height", "width"}`` canvas; default the processor's ``pad_size``, else the batch maxima.
+
+        Returns:
+            ``BatchFeature`` with ``pixel_values (B, 3, H, W)``, ``pixel_mask (B, H, W)`` long (if
+            ``return_pixel_mask``) and ``labels`` (if ``annotations``).
+        """
+        update_bboxes = bool(kwargs.pop("update_bboxes", True))
+        kwargs.pop("input_data_format", None)
+        _refuse_unsupported(None, kwargs.pop("data_format", None), kwargs)
+        tensors = [torch.as_tensor(np.asarray(image)) if not isinstance(image, Tensor) else image
+                   for image in _to_image_list(images)]
+        if not tensors or any(t.ndim != 3 for t in tensors):
+            raise ValueError("pad expects processed (C, H, W) images: a list of them or one (B, C, H, W) batch")
+        if device is not None:
+            tensors = [t.to(device) for t in tensors]
+        canvas = _validate_pad_size(pad_size) if pad_size is not None else self.pad_size
+        pixel_values, pixel_mask = pad_images(tensors, canvas, fill=constant_values)
+        data = {"pixel_values": pixel_values}
+        if return_pixel_mask:
+            data["pixel_mask"] = pixel_mask
+        encoded = BatchFeature(data=data, tensor_type=None if return_tensors in (None, "pt") else return_tensors)
+        if annotations is not None:
+            annotations = [annotations] if isinstance(annotations, dict) else list(annotations)
+            canvas = tuple(pixel_values.shape[-2:])
+            annotations = [_to_canvas(target, canvas, update_bboxes) for target in annotations]
+            encoded["labels"] = annotations if device is None else _labels_to(annotations, device)
+        return encoded
+
+    def _process_image(self, image: Any, settings: dict, input_data_format: str | None,
+                       device: Any) -> tuple[Tensor, tuple[int, int]]:
+        """One raw image -> ``((3, h, w) float32 normalized, (orig_h, orig_w))``: resize on the input's dtype (uint8
+        stays uint8, as in transformers), then rescale and normalize."""
+        image = _to_rgb_tensor(image, settings["do_exif_transpose"], input_data_format)
+        if device is not None:
+            image = image.to(device)
         orig_size = (int(image.shape[-2]), int(image.shape[-1]))
         if min(orig_size) < 1:
             raise ValueError(f"empty image of shape {tuple(image.shape)}")
         if image.dtype == torch.bool or image.is_complex():
             raise TypeError(f"images of dtype {image.dtype} are not supported; pass uint8 or float")
-        is_integer = not image.is_floating_point()
-        pixels = image.to(torch.float32)
-        if is_integer and do_rescale:
-            pixels = pixels * rescale_factor
-        elif not is_integer and pixels.numel() and float(pixels.max()) > 1.0 + 1e-3:
+        if image.is_floating_point() and image.numel() and float(image.max()) > 1.0 + 1e-3:
             logger.warning("a floating-point image has values above 1; float images are expected in [0, 1]")
-        if do_resize:
-            new_size = get_resize_output_size(*orig_size, size["shortest_edge"], size["longest_edge"])
+        is_integer = not image.is_floating_point()
+        if settings["do_resize"]:
+            new_size = resize_output_size(*orig_size, settings["size"])
             if new_size != orig_size:
-                pixels = tvF.resize(pixels, list(new_size), interpolation=_INTERPOLATION[resample], antialias=True)
-        if do_normalize:
-            pixels = tvF.normalize(pixels, mean=image_mean, std=image_std)
+                image = self._resize(image, new_size, settings["resample"])
+        pixels = image.to(torch.float32)
+        if is_integer and settings["do_rescale"]:
+            pixels = pixels * settings["rescale_factor"]
+        if settings["do_normalize"]:
+            pixels = tvF.normalize(pixels, mean=settings["image_mean"], std=settings["image_std"])
         return pixels, orig_size
+
+    def _resize(self, image: Tensor, new_size: tuple[int, int], resample: int) -> Tensor:
+        """``(3, h, w)`` -> ``(3, *new_size)`` with torchvision (antialiased), same dtype."""
+        if not image.is_floating_point() and image.dtype != torch.uint8:
+            image = image.to(torch.float32)
+        return tvF.resize(image, list(new_size), interpolation=_INTERPOLATION[resample], antialias=True)
 
     def post_process_object_detection(
         self,
@@ -487,5 +696,22 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
         return results
 
 
-__all__ = ["SparseSemiDetrImageProcessor", "convert_coco_annotation", "get_resize_output_size", "pad_images",
-           "to_rgb_pil"]
+class SparseSemiDetrImageProcessorPil(SparseSemiDetrImageProcessor):
+    """:class:`SparseSemiDetrImageProcessor` resizing with PIL (transformers' ``backend="pil"``, as
+    ``DeformableDetrImageProcessorPil``): the image is resized as an 8-bit PIL image, then rescaled and normalized."""
+
+    backend = "pil"
+
+    def _resize(self, image: Tensor, new_size: tuple[int, int], resample: int) -> Tensor:
+        """``(3, h, w)`` -> ``(3, *new_size)`` through ``PIL.Image.resize`` (floats in [0, 1] pass through 8 bits and
+        come back as floats, as in transformers' ``resize``)."""
+        is_float = image.is_floating_point()
+        eight_bit = (image * 255).to(torch.uint8) if is_float else image.clamp(0, 255).to(torch.uint8)
+        pil = PIL.Image.fromarray(eight_bit.permute(1, 2, 0).cpu().numpy(), mode="RGB")
+        resized = pil.resize((new_size[1], new_size[0]), resample=resample)
+        output = torch.from_numpy(np.array(resized)).permute(2, 0, 1).to(image.device)
+        return output.to(torch.float32) / 255 if is_float else output
+
+
+__all__ = ["SparseSemiDetrImageProcessor", "SparseSemiDetrImageProcessorPil", "convert_coco_annotation",
+           "get_resize_output_size", "pad_images", "resize_output_size", "to_rgb_pil"]

@@ -415,7 +415,9 @@ class SparseSemiDetrForObjectDetection(SparseSemiDetrPreTrainedModel):
         """
         Args:
             pixel_values: ``(B, 3, H, W)``; pixel_mask: ``(B, H, W)`` 1 = real pixel (optional).
-            labels: targets; with them the loss is computed (and denoising queries added when ``denoising``).
+            labels: targets; with them the loss is computed (and denoising queries added when ``denoising``). A
+                target with ``size (h, w)`` (the image processor's labels) has its boxes normalized by that size
+                (the padded canvas): see :func:`targets_in_model_frame`.
             extra_query_groups: extra decoder query groups (Semi-DETR / Sparse Semi-DETR queries).
             encoder_state: reuse a previous ``encode`` of the same images instead of ``pixel_values``.
             assignment: ``"one_to_one"`` (Hungarian) or ``"one_to_many"`` (stage 1 of hybrid matching).
@@ -427,6 +429,7 @@ class SparseSemiDetrForObjectDetection(SparseSemiDetrPreTrainedModel):
         """
         _refuse_attentions(self.config, output_attentions)
         with_hidden = _flag(self.config, "output_hidden_states", output_hidden_states)
+        labels = targets_in_model_frame(labels, pixel_values, pixel_mask)
         state = encoder_state if encoder_state is not None else self.model.encode(pixel_values, pixel_mask,
                                                                                   with_hidden)
         if denoising is None:
@@ -455,6 +458,35 @@ class SparseSemiDetrForObjectDetection(SparseSemiDetrPreTrainedModel):
             decoder_hidden_states=decoded.hidden_states,
         )
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
+
+
+def targets_in_model_frame(labels: list[dict] | None, pixel_values: Tensor | None,
+                           pixel_mask: Tensor | None) -> list[dict] | None:
+    """Target boxes normalized by their ``size`` -> normalized by the image the model sees.
+
+    The model predicts ``cxcywh`` boxes relative to each image's real pixels: the ``pixel_mask`` region (the whole
+    ``pixel_values`` canvas without a mask). transformers' image processors normalize target boxes by the padded
+    canvas and say so in ``size (h, w)``; a box normalized by ``size`` is rescaled by ``size / valid size`` per axis
+    (padding is bottom/right, so no shift). Targets without ``size`` (the training loop's, pseudo-labels) are taken
+    to be in the model's frame already and pass unchanged, as do all targets when only an ``encoder_state`` is given.
+    No host sync.
+    """
+    if labels is None or pixel_values is None or not any("size" in target for target in labels):
+        return labels
+    if pixel_mask is None:
+        valid = pixel_values.new_tensor(pixel_values.shape[-2:]).expand(len(labels), 2)
+    else:
+        valid = torch.stack((pixel_mask[:, :, 0].sum(1), pixel_mask[:, 0, :].sum(1)), -1)  # (B, 2) (h, w)
+    converted = []
+    for target, (valid_h, valid_w) in zip(labels, valid):
+        if "size" not in target:
+            converted.append(target)
+            continue
+        boxes = target["boxes"]
+        size = torch.as_tensor(target["size"], device=boxes.device).to(boxes.dtype)
+        scale = torch.stack((size[1] / valid_w.to(boxes), size[0] / valid_h.to(boxes))).repeat(2)
+        converted.append({**target, "boxes": boxes * scale})
+    return converted
 
 
 def _declare_object_detection_support() -> None:

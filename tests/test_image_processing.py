@@ -138,15 +138,13 @@ def test_pil_numpy_torch_inputs_agree():
     processor = SparseSemiDetrImageProcessor(size=SMALL)
     reference = processor(PIL.Image.fromarray(array))["pixel_values"]
     tensor_chw = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    variants = [
-        array,
-        array.astype(np.float32) / 255,  # floats are taken as already in [0, 1]
-        tensor_chw,
-        torch.from_numpy(array),  # HWC tensor, unambiguous layout
-        tensor_chw.double() / 255,
-    ]
-    for variant in variants:
+    for variant in [array, tensor_chw, torch.from_numpy(array)]:  # HWC tensor: unambiguous layout
         assert_close(processor(variant)["pixel_values"], reference, atol=1e-5, rtol=1e-5)
+    # floats are taken as already in [0, 1]; they are resized as floats, 8-bit images as 8 bits (as transformers
+    # does), so the two differ by the rounding of the resized 8-bit pixels: at most one step, / std.
+    one_step = 1 / 255 / min(processor.image_std) + 1e-5
+    for variant in [array.astype(np.float32) / 255, tensor_chw.double() / 255]:
+        assert_close(processor(variant)["pixel_values"], reference, atol=one_step, rtol=0)
 
 
 def test_grayscale_inputs_agree_and_are_replicated():
@@ -232,15 +230,17 @@ def test_annotation_conversion_clipping_degenerate_and_crowd():
     assert target["orig_size"].tolist() == [100, 200] and target["size"].tolist() == [50, 100]
 
 
-def test_boxes_are_normalized_by_the_unpadded_image_not_the_canvas():
+def test_padded_boxes_are_normalized_by_the_canvas_named_in_size():
+    """transformers' convention: with padding, boxes are normalized by the canvas, and ``size`` is the canvas."""
     processor = SparseSemiDetrImageProcessor(size=SMALL)
     annotation = coco(1, obj([4, 2, 10, 6], 0))
     alone = processor(random_uint8(20, 40), annotations=annotation)["labels"][0]
+    assert_close(alone["boxes"], torch.tensor([[9 / 40, 5 / 20, 10 / 40, 6 / 20]]))
+    assert alone["size"].tolist() == [32, 64]
     padded = processor([random_uint8(20, 40), random_uint8(40, 20)], annotations=[annotation, coco(2)])
     assert padded["pixel_values"].shape[-2:] == (64, 64)
-    assert_close(padded["labels"][0]["boxes"], alone["boxes"])
-    assert_close(alone["boxes"], torch.tensor([[9 / 40, 5 / 20, 10 / 40, 6 / 20]]))
-    assert padded["labels"][0]["size"].tolist() == [32, 64]
+    assert padded["labels"][0]["size"].tolist() == [64, 64]
+    assert_close(padded["labels"][0]["boxes"], alone["boxes"] * torch.tensor([1.0, 0.5, 1.0, 0.5]))
 
 
 def test_missing_area_defaults_to_box_area():
@@ -391,9 +391,20 @@ def test_save_load_round_trip(tmp_path):
     assert overridden.size == {"shortest_edge": 20, "longest_edge": 30} and overridden.resample == 3
 
 
-def test_invalid_settings_raise():
+@pytest.mark.parametrize("size", [{"height": 10}, {"max_height": 0, "max_width": 5}, {"longest_edge": 9}, "800",
+                                  {"shortest_edge": 20, "longest_edge": 10}])
+def test_invalid_sizes_raise(size):
     with pytest.raises(ValueError, match="size"):
-        SparseSemiDetrImageProcessor(size={"height": 10, "width": 10})
+        SparseSemiDetrImageProcessor(size=size)
+
+
+def test_invalid_settings_raise():
+    with pytest.raises(ValueError, match="pad_size"):
+        SparseSemiDetrImageProcessor(pad_size={"height": 10})
+    with pytest.raises(ValueError, match="coco_panoptic"):
+        SparseSemiDetrImageProcessor(format="coco_panoptic")
+    with pytest.raises(ValueError, match="box detector"):
+        SparseSemiDetrImageProcessor()(random_uint8(8, 8), return_segmentation_masks=True)
     with pytest.raises(ValueError, match="resample"):
         SparseSemiDetrImageProcessor(resample=1)
 

@@ -90,7 +90,9 @@ def _cppe5_like(count: int) -> Dataset:
 def test_transformers_trainer_trains_and_evaluates_with_compute_metrics(tmp_path):
     """The task guide's loop: COCO-detection annotations through the image processor, a collate, Trainer.train,
     then Trainer.evaluate with a compute_metrics that post-processes the predictions (finite loss, metrics back)."""
-    processor = SparseSemiDetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+    # the guide's processor settings and transform (per batch, COCO-detection annotations, pixel_mask kept) ...
+    processor = SparseSemiDetrImageProcessor(size={"max_height": 96, "max_width": 96}, do_pad=True,
+                                             pad_size={"height": 96, "width": 96})
     model = _model(id2label={0: "a", 1: "b", 2: "c"})
 
     def transform(batch):
@@ -98,15 +100,15 @@ def test_transformers_trainer_trains_and_evaluates_with_compute_metrics(tmp_path
             {"bbox": box, "category_id": category, "area": area, "iscrowd": 0}
             for box, category, area in zip(objects["bbox"], objects["category"], objects["area"])]}
             for image_id, objects in zip(batch["image_id"], batch["objects"])]
-        encoded = processor(images=batch["image"], annotations=annotations)
-        return {"pixel_values": list(encoded["pixel_values"]), "pixel_mask": list(encoded["pixel_mask"]),
-                "labels": encoded["labels"]}
+        return processor(images=batch["image"], annotations=annotations, return_tensors="pt")
 
-    def collate(items):
-        from sparse_semi_detr_hf.image_processing_sparse_semi_detr import pad_images
-
-        pixel_values, pixel_mask = pad_images([item["pixel_values"] for item in items])
-        return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": [item["labels"] for item in items]}
+    def collate(batch):  # ... and its collate_fn, verbatim
+        data = {}
+        data["pixel_values"] = torch.stack([x["pixel_values"] for x in batch])
+        data["labels"] = [x["labels"] for x in batch]
+        if "pixel_mask" in batch[0]:
+            data["pixel_mask"] = torch.stack([x["pixel_mask"] for x in batch])
+        return data
 
     train = _cppe5_like(8).with_transform(transform)
     evaluation = _cppe5_like(4).with_transform(transform)

@@ -45,6 +45,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     folder, inputs_path, out_path = sys.argv[1:4]
     model = AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    pil_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, backend="pil")
     assert "sparse_semi_detr_hf" not in type(model).__module__, type(model).__module__
     from transformers import AutoModel
     base = AutoModel.from_pretrained(folder, trust_remote_code=True)
@@ -52,7 +53,8 @@ REMOTE_SCRIPT = textwrap.dedent(
     inputs = torch.load(inputs_path)
     with torch.no_grad():
         logits = model(**inputs).logits
-    torch.save({"logits": logits, "processor": type(processor).__name__}, out_path)
+    torch.save({"logits": logits, "processor": type(processor).__name__,
+                "pil_processor": type(pil_processor).__name__}, out_path)
     """
 )
 
@@ -76,6 +78,7 @@ def test_remote_code_in_clean_process_gives_identical_logits(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")
     assert out["processor"] == "SparseSemiDetrImageProcessor"
+    assert out["pil_processor"] == "SparseSemiDetrImageProcessorPil"
     torch.testing.assert_close(out["logits"], expected, atol=0, rtol=0)
 
 
