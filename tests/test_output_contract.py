@@ -1,7 +1,7 @@
 """The output contract of transformers' detection models: tensors only in what ``to_tuple()`` and ``Trainer`` see,
 ``config.return_dict`` honoured, ``output_hidden_states`` answered, ``output_attentions`` refused with a reason,
 gradient checkpointing available — and ``transformers.Trainer`` trains and evaluates with a ``compute_metrics``
-that calls ``post_process_object_detection``."""
+that calls ``post_process_object_detection`` and computes COCO mAP (the object-detection task guide's flow)."""
 
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import EvalPrediction
 
 from sparse_semi_detr_hf import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection, SparseSemiDetrImageProcessor
+from sparse_semi_detr_hf.training.evaluation import evaluate_detections
 
 
 def _model(**overrides):
@@ -87,6 +88,17 @@ def _cppe5_like(count: int) -> Dataset:
     return Dataset.from_dict(rows)
 
 
+def _coco_ground_truth(dataset: Dataset) -> dict:
+    images, annotations = [], []
+    for row in dataset:
+        images.append({"id": row["image_id"], "width": row["image"].width, "height": row["image"].height})
+        for box, category, area in zip(row["objects"]["bbox"], row["objects"]["category"], row["objects"]["area"]):
+            annotations.append({"id": len(annotations) + 1, "image_id": row["image_id"], "category_id": category,
+                                "bbox": box, "area": area, "iscrowd": 0})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": i, "name": name} for i, name in enumerate("abc")]}
+
+
 def test_transformers_trainer_trains_and_evaluates_with_compute_metrics(tmp_path):
     """The task guide's loop: COCO-detection annotations through the image processor, a collate, Trainer.train,
     then Trainer.evaluate with a compute_metrics that post-processes the predictions (finite loss, metrics back)."""
@@ -114,17 +126,21 @@ def test_transformers_trainer_trains_and_evaluates_with_compute_metrics(tmp_path
     evaluation = _cppe5_like(4).with_transform(transform)
     seen = {}
 
+    ground_truth = _coco_ground_truth(_cppe5_like(4))
+
     def metrics(evaluation_prediction: EvalPrediction) -> dict:
+        """The guide's compute_metrics: post-process with the original sizes, then COCO mAP (pycocotools here)."""
         predictions, targets = evaluation_prediction.predictions, evaluation_prediction.label_ids
-        batches = predictions if isinstance(predictions, list) else [predictions]
-        detections = 0
-        for batch in batches:
+        detections = []
+        for batch, batch_targets in zip(predictions, targets):
             logits, boxes = torch.as_tensor(batch[1]), torch.as_tensor(batch[2])
+            sizes = [[int(v) for v in target["orig_size"]] for target in batch_targets]
             results = processor.post_process_object_detection(
-                {"logits": logits, "pred_boxes": boxes}, threshold=0.0, target_sizes=[(64, 80)] * len(logits))
-            detections += sum(len(r["scores"]) for r in results)
-        seen["targets"] = targets
-        return {"detections": float(detections)}
+                {"logits": logits, "pred_boxes": boxes}, threshold=0.0, target_sizes=sizes)
+            detections += [{"image_id": target["image_id"], **result}
+                           for target, result in zip(batch_targets, results)]
+        seen["detections"] = detections
+        return evaluate_detections(ground_truth, detections)
 
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, per_device_eval_batch_size=2,
                              max_steps=2, learning_rate=1e-4, remove_unused_columns=False, report_to=[],
@@ -134,4 +150,8 @@ def test_transformers_trainer_trains_and_evaluates_with_compute_metrics(tmp_path
     history = trainer.train()
     assert np.isfinite(history.training_loss)
     result = trainer.evaluate()
-    assert np.isfinite(result["eval_loss"]) and result["eval_detections"] > 0
+    assert np.isfinite(result["eval_loss"])
+    assert {"eval_AP", "eval_AP50", "eval_APs"} <= set(result) and 0.0 <= result["eval_AP"] <= 1.0
+    assert len(seen["detections"]) == 4 and all(len(d["scores"]) > 0 for d in seen["detections"])
+    widths = {int(d["boxes"][:, 2].max()) for d in seen["detections"]}
+    assert max(widths) <= 80  # boxes in each image's original pixels (cppe-5-like images are 50..80 wide)
