@@ -347,6 +347,23 @@ def test_an_unwritable_output_dir_fails_before_step_one(tmp_path, synthetic_cach
         SemiSupervisedTrainer(tiny_args(output, synthetic_cache))
 
 
+def test_low_free_disk_is_warned_about_before_training(tmp_path, synthetic_cache, monkeypatch, caplog):
+    from collections import namedtuple
+
+    from sparse_semi_detr_hf.training import trainer as trainer_module
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with caplog.at_level("WARNING"):
+        SemiSupervisedTrainer(tiny_args(tmp_path / "out", synthetic_cache))
+    assert "free on the disk of --output_dir" in caplog.text
+    monkeypatch.undo()  # the real disk: plenty, no warning
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        SemiSupervisedTrainer(tiny_args(tmp_path / "out2", synthetic_cache))
+    assert "free on the disk" not in caplog.text
+
+
 @pytest.mark.parametrize("argv, message", [(["--fold", "-1"], "--fold must be >= 0"),
                                            (["--image_scales", "abc"], "--image_scales must be comma-separated"),
                                            (["--image_scales", "0,96"], "--image_scales must be positive")])

@@ -294,6 +294,7 @@ class SemiSupervisedTrainer:
         self.teacher = EMATeacher(detector, momentum_max=args.ema_momentum, warmup=args.ema_warmup)
         self.optimizer = build_optimizer(detector, args)
         self.scheduler = build_scheduler(self.optimizer, args)
+        _warn_if_low_disk(args.output_dir, detector, args.checkpoints_total_limit)
         self.student, self.optimizer = self.accelerator.prepare(SemiSupervisedStudent(detector), self.optimizer)
         self.teacher.to(self.accelerator.device)
         self.state = TrainState()
@@ -675,6 +676,22 @@ def _check_writable(output_dir: str) -> None:
         os.remove(probe)
     except OSError as err:
         raise PermissionError(f"--output_dir {output_dir} is not writable: {err}") from err
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Estimated size of one checkpoint: student weights, AdamW's two moments, the EMA teacher (4x the weights)."""
+    return 4 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _warn_if_low_disk(output_dir: str, model: torch.nn.Module, keep: int) -> None:
+    """Warn before training when ``output_dir``'s disk cannot hold the checkpoints the run will keep (``keep`` plus
+    the one being written) and the exported model: a full disk would otherwise surface at the first save."""
+    needed = checkpoint_bytes(model) * (max(keep, 1) + 1) + checkpoint_bytes(model) // 4
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        logger.warning("only %.1f MiB free on the disk of --output_dir %s; the checkpoints this run keeps "
+                       "(--checkpoints_total_limit %d, plus the one being written) and the exported model need "
+                       "about %.1f MiB", free / 2**20, output_dir, keep, needed / 2**20)
 
 
 def _check_finite(model: torch.nn.Module, name: str) -> None:
