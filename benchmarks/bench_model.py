@@ -65,12 +65,14 @@ class Variant:
     family: str
     backend: str | None = None
     compiled: bool = False
+    cuda_graphs: bool = False  # inference only: the eval forward replayed by CudaGraphDetector
 
     @property
     def name(self) -> str:
         if self.family == "anchor":
             return "anchor (HF Deformable DETR)"
-        return f"ours ({self.backend}{', compiled' if self.compiled else ''})"
+        mode = ", compiled" if self.compiled else ", CUDA graphs" if self.cuda_graphs else ""
+        return f"ours ({self.backend}{mode})"
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -97,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip_anchor", action="store_true", help="do not time the transformers anchor")
     parser.add_argument("--skip_inference", action="store_true", help="only the training step")
     parser.add_argument("--compile", action="store_true", help="also time our model wrapped in torch.compile")
+    parser.add_argument("--compile_mode", default=None,
+                        help="torch.compile mode for --compile (default, reduce-overhead, max-autotune, ...)")
+    parser.add_argument("--cuda_graphs", action="store_true",
+                        help="also time inference replayed from CUDA graphs (sparse_semi_detr_hf.cuda_graphs)")
     parser.add_argument("--semi", action="store_true", help="also time a full semi-supervised step (trainer hook)")
     parser.add_argument("--semi_query_modes", default="refined,cross_view",
                         help="query modes of the semi-supervised step (refined = Sparse Semi-DETR with RPF, "
@@ -312,7 +318,8 @@ def peak_memory_mib(device: torch.device) -> float | None:
 
 def new_record(section: str, variant: Variant, dtype: str, shape: tuple[int, int, int]) -> dict:
     return {"section": section, "model": variant.name, "family": variant.family, "backend": variant.backend,
-            "compiled": variant.compiled, "dtype": dtype, "batch": shape[0], "height": shape[1], "width": shape[2]}
+            "compiled": variant.compiled, "cuda_graphs": variant.cuda_graphs, "dtype": dtype, "batch": shape[0],
+            "height": shape[1], "width": shape[2]}
 
 
 def finish_record(record: dict, times: tuple[list[float], list[float]], device: torch.device,
@@ -347,7 +354,10 @@ def runner_for(model: torch.nn.Module, variant: Variant):
     import torch._dynamo
 
     torch._dynamo.reset()  # a fresh trace per measurement: the backend env var is read while tracing
-    return torch.compile(model)
+    return torch.compile(model, mode=COMPILE_MODE[0])
+
+
+COMPILE_MODE = [None]  # set from --compile_mode in main()
 
 
 def measure_train(model, variant: Variant, dtype: str, args, initial_state: dict) -> dict:
@@ -392,12 +402,20 @@ def measure_inference(model, variant: Variant, dtype: str, shape, args, initial_
         model.load_state_dict(initial_state)
         model.eval()
         reset_memory(device)
-        runner = runner_for(model, variant)
         generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+        if variant.cuda_graphs:
+            from sparse_semi_detr_hf.cuda_graphs import CudaGraphDetector
 
-        def forward(pixel_values, pixel_mask):
-            with torch.inference_mode(), autocast_for(device, dtype):
-                runner(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            runner = CudaGraphDetector(model, autocast_dtype=DTYPES[dtype], copy_outputs=False)
+
+            def forward(pixel_values, pixel_mask):
+                runner(pixel_values, pixel_mask)
+        else:
+            runner = runner_for(model, variant)
+
+            def forward(pixel_values, pixel_mask):
+                with torch.inference_mode(), autocast_for(device, dtype):
+                    runner(pixel_values=pixel_values, pixel_mask=pixel_mask)
 
         probe = None if variant.compiled else backend_probe(seen)
         times = time_calls(forward, lambda: random_images(*shape, device, generator), args.warmup, args.steps,
@@ -410,6 +428,8 @@ def variants_for(family: str, args) -> list[Variant]:
     if family == "anchor":
         return [Variant("anchor")]
     variants = [Variant("ours", backend) for backend in args.backend_list]
+    if args.cuda_graphs:
+        variants += [Variant("ours", backend, cuda_graphs=True) for backend in args.backend_list]
     if args.compile:
         variants += [Variant("ours", backend, compiled=True) for backend in args.backend_list]
     return variants
@@ -427,8 +447,9 @@ def benchmark_family(family: str, config: SparseSemiDetrConfig, args, results: d
     initial_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
     for variant in variants_for(family, args):
         for dtype in args.dtype_list:
-            print(f"- train     {variant.name:<32} {dtype}", flush=True)
-            add_record(results, measure_train(model, variant, dtype, args, initial_state), args)
+            if not variant.cuda_graphs:  # CUDA graphs serve the eval forward only
+                print(f"- train     {variant.name:<32} {dtype}", flush=True)
+                add_record(results, measure_train(model, variant, dtype, args, initial_state), args)
             for shape in args.infer_shapes:
                 print(f"- inference {variant.name:<32} {dtype} {'x'.join(map(str, shape))}", flush=True)
                 add_record(results, measure_inference(model, variant, dtype, shape, args, initial_state), args)
@@ -511,12 +532,16 @@ def add_ratios(records: list[dict]) -> None:
     ``triton_speedup`` = PyTorch-path median / Triton median for the same model, dtype and shape."""
     timed = [record for record in records if "median_ms" in record]
     anchors = {_key(r): r["median_ms"] for r in timed if r["family"] == "anchor"}
-    pytorch = {(_key(r), r["compiled"]): r["median_ms"] for r in timed if r["backend"] == "pytorch"}
+
+    def mode(record):
+        return record["compiled"], record.get("cuda_graphs", False)
+
+    pytorch = {(_key(r), mode(r)): r["median_ms"] for r in timed if r["backend"] == "pytorch"}
     for record in timed:
         if _key(record) in anchors:
             record["vs_anchor"] = anchors[_key(record)] / record["median_ms"]
-        if record["backend"] == "triton" and (_key(record), record["compiled"]) in pytorch:
-            record["triton_speedup"] = pytorch[(_key(record), record["compiled"])] / record["median_ms"]
+        if record["backend"] == "triton" and (_key(record), mode(record)) in pytorch:
+            record["triton_speedup"] = pytorch[(_key(record), mode(record))] / record["median_ms"]
 
 
 def _fmt(value, pattern: str) -> str:
@@ -577,6 +602,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run every measurement, print the table last, write ``--output``; returns the results dict."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    COMPILE_MODE[0] = args.compile_mode
     config = build_our_config(args)
     results = {"meta": collect_meta(args, argv), "records": [], "parameters": {}}
     print(f"device: {results['meta']['device']}  torch {torch.__version__}  transformers {transformers.__version__}",
