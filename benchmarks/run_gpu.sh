@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The commands behind the GPU figures in docs/performance.md (run from the repository root on the GPU machine).
 # Usage: bash benchmarks/run_gpu.sh STAGE...
-#   stages: setup kernel bench semi (H100 figures), tests graphs profile (profile + CUDA graphs)
+#   stages: setup kernel bench semi (H100 figures), tests graphs profile syncs compilecheck (profile, CUDA graphs,
+#   host syncs, eager vs torch.compile outputs)
 # Wheels for packages the GPU image lacks (datasets, pycocotools, ...) are expected in .whl/ for `setup` and `semi`
 # only (see docs/performance.md); the other stages need torch, transformers, timm, scipy and triton alone.
 set -uo pipefail
@@ -29,10 +30,14 @@ for stage in "$@"; do
       python3 -c "import torch, transformers, triton, timm; print(torch.__version__, transformers.__version__, triton.__version__, timm.__version__, torch.cuda.get_device_name())"
       timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tail -15
       timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_deformable_attention_triton.py 2>&1 | tail -5
-      timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_compile.py -k "cuda" 2>&1 | tail -5 ;;
+      timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_compile.py -k "cuda" 2>&1 | tail -40 ;;
     graphs)  # ours (Triton) eager and replayed from CUDA graphs against the anchor, training and inference
       timeout ${GRAPHS_TIMEOUT:-170} python3 benchmarks/bench_model.py --device cuda --backends triton --cuda_graphs --steps 10 --warmup 3 --output "$OUT/bench_graphs.json" 2>&1 | tail -25 ;;
     profile)  # phases of the training step, torch.profiler summaries, inference eager / CUDA graphs / compiled
       timeout ${PROFILE_TIMEOUT:-260} python3 benchmarks/profile_step.py --device cuda --output_dir "$OUT" --compile_mode ${COMPILE_MODE:-reduce-overhead} 2>&1 | grep -v -E "^(STAGE|USDT)" | tail -120 ;;
+    syncs)  # every synchronizing operation of one training step and of the eval forward, by line of our code
+      timeout ${SYNCS_TIMEOUT:-100} python3 benchmarks/find_host_syncs.py --output "$OUT/host_syncs.json" 2>&1 | tail -40 ;;
+    compilecheck)  # eager vs torch.compile (default, reduce-overhead) outputs on one fixed input, 2+2 layers
+      timeout ${COMPILECHECK_TIMEOUT:-180} python3 benchmarks/profile_step.py --device cuda --skip phases,profiler --layers 2 --dtypes fp32 --compile_mode default,reduce-overhead --output_dir "$OUT/compile_check" 2>&1 | grep -v -E "^(STAGE|USDT)" | tail -12 ;;
   esac
 done

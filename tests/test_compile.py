@@ -153,12 +153,13 @@ def test_shapes_tensor_matches_as_tensor():
 def test_encode_and_decode_do_not_synchronize_on_cuda(backend):
     model = make_model(deformable_attention_backend=backend).eval().cuda()
     pixel_values, pixel_mask = make_inputs("cuda")
+    group = extra_group("cuda")  # made before the check: its host-to-device copies are the test's, not the model's
     with torch.no_grad():
         model.model.decode(model.model.encode(pixel_values, pixel_mask))  # warm-up: lazy CUDA/cuBLAS set-up
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            model.model.decode(model.model.encode(pixel_values, pixel_mask), extra_query_groups=[extra_group("cuda")])
+            model.model.decode(model.model.encode(pixel_values, pixel_mask), extra_query_groups=[group])
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
