@@ -23,6 +23,7 @@ from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from .matcher import (
     Assignment,
     HungarianMatcher,
+    host_to_device,
     one_to_many_assign,
     rpf_assign,
     rpf_duplicate_pseudo_labels,
@@ -76,17 +77,6 @@ def _count_boxes(targets: list[dict], dn_targets: list[dict], device: torch.devi
     return tuple(global_mean(host_to_device(counts, device)).clamp(min=1.0).unbind())
 
 
-def host_to_device(host: Tensor, device: torch.device) -> Tensor:
-    """A small host tensor on ``device`` without waiting for the device (pinned, non-blocking copy on CUDA).
-
-    A plain ``torch.tensor(values, device="cuda")`` synchronizes the stream; built from host-known shapes (box
-    counts), these tensors need no sync.
-    """
-    if torch.device(device).type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
 def _denoising_pairs(counts: list[int], num_groups: int, pad: int, device) -> list[tuple[Tensor, Tensor]]:
     """Positive ``(query_idx, target_idx)`` per image of the denoising layout, built on the host (no sync).
 
@@ -118,6 +108,15 @@ def _flatten_pairs(targets: list[dict], pairs: list[tuple[Tensor, Tensor]]) -> t
     labels = torch.cat([t["class_labels"][tgt] for t, (_, tgt) in zip(targets, pairs)])
     boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, pairs)])
     return batch_idx, pred_idx, labels, boxes
+
+
+def _one_hot_at(logits: Tensor, batch_idx: Tensor, query_idx: Tensor, labels: Tensor) -> Tensor:
+    """fp32 zeros like ``logits (B, Q, C)`` with 1 at ``(batch_idx, query_idx, labels)`` (each ``(k,)``).
+
+    The 1 is a device tensor: ``onehot[...] = 1.0`` copies a host scalar to the device, a stream sync on CUDA.
+    """
+    onehot = torch.zeros_like(logits, dtype=torch.float32)
+    return onehot.index_put_((batch_idx, query_idx, labels), onehot.new_ones(()))
 
 
 class SetCriterion(nn.Module):
@@ -190,14 +189,17 @@ class SetCriterion(nn.Module):
         num_boxes, dn_num_boxes = _count_boxes(targets, dn_targets, layer_logits.device)
         num_layers = layer_logits.shape[0]
         layers = range(num_layers) if self.auxiliary_loss else [num_layers - 1]
-        losses = {}
-        for layer in layers:
-            terms = self._layer_losses(layer_logits[layer], layer_boxes[layer], targets, num_boxes, assignment,
-                                       use_rpf, generator)
-            losses.update(self._named(terms, self._suffix(layer, num_layers, "")))
+        sets = [(layer_logits[layer], layer_boxes[layer], self._suffix(layer, num_layers, "")) for layer in layers]
         if self.encoder_loss and enc_logits is not None and enc_boxes is not None:
-            terms = self._layer_losses(enc_logits, enc_boxes, targets, num_boxes, assignment, use_rpf, generator)
-            losses.update(self._named(terms, "_enc"))
+            sets.append((enc_logits, enc_boxes, "_enc"))
+        matched = [None] * len(sets)
+        if assignment == "one_to_one":  # every set's Hungarian matching with one copy each way (one host sync)
+            matched = self.matcher.match_sets([(logits.detach(), boxes.detach()) for logits, boxes, _ in sets],
+                                              targets)
+        losses = {}
+        for (logits, boxes, suffix), pairs in zip(sets, matched):
+            terms = self._layer_losses(logits, boxes, targets, num_boxes, assignment, use_rpf, generator, pairs)
+            losses.update(self._named(terms, suffix))
         if dn_meta is not None and dn_logits is not None and dn_boxes is not None:
             for layer in (range(dn_logits.shape[0]) if self.auxiliary_loss else [dn_logits.shape[0] - 1]):
                 terms = self.denoising_losses(dn_logits[layer], dn_boxes[layer], dn_targets, dn_meta, dn_num_boxes)
@@ -217,10 +219,12 @@ class SetCriterion(nn.Module):
         return [_keep(target, ~duplicate) for target, duplicate in zip(targets, duplicates)]
 
     def _layer_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict], num_boxes: Tensor, assignment: str,
-                      use_rpf: bool, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(ce, bbox, giou)`` of one set of predictions ``(B, Q, C)``, ``(B, Q, 4)``."""
+                      use_rpf: bool, generator: torch.Generator | None,
+                      pairs: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ce, bbox, giou)`` of one set of predictions ``(B, Q, C)``, ``(B, Q, 4)`` (``pairs``: its Hungarian
+        matching, when already computed)."""
         if assignment == "one_to_one":
-            return self.one_to_one_losses(logits, boxes, targets, num_boxes)
+            return self.one_to_one_losses(logits, boxes, targets, num_boxes, pairs)
         if use_rpf:
             results = rpf_assign(logits.detach(), boxes.detach(), targets, generator=generator,
                                  matcher=self.matcher, joint=self.rpf_joint_matching, **self.rpf)
@@ -231,13 +235,14 @@ class SetCriterion(nn.Module):
             duplicates = None
         return self.one_to_many_losses(logits, boxes, targets, assignments, duplicates)
 
-    def one_to_one_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict],
-                          num_boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Hungarian matching, then focal loss (all queries x classes) and L1/GIoU (matched), each / ``num_boxes``."""
-        pairs = self.matcher(logits.detach(), boxes.detach(), targets)
+    def one_to_one_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict], num_boxes: Tensor,
+                          pairs: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Hungarian matching (unless ``pairs`` is given), then focal loss (all queries x classes) and L1/GIoU
+        (matched), each / ``num_boxes``."""
+        if pairs is None:
+            pairs = self.matcher(logits.detach(), boxes.detach(), targets)
         batch_idx, pred_idx, labels, target_boxes = _flatten_pairs(targets, pairs)
-        onehot = torch.zeros_like(logits, dtype=torch.float32)
-        onehot[batch_idx, pred_idx, labels] = 1.0
+        onehot = _one_hot_at(logits, batch_idx, pred_idx, labels)
         focal = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
         bbox, giou = box_losses(boxes[batch_idx, pred_idx], target_boxes, num_boxes, anchor=boxes)
         return focal / num_boxes, bbox, giou
@@ -277,8 +282,7 @@ class SetCriterion(nn.Module):
         valid = target_idx[None] < sizes[:, None]  # (B, Ndn): positive and negative slots of real targets
         pairs = _denoising_pairs(counts, meta.num_groups, pad, logits.device)
         batch_idx, query_idx, labels, target_boxes = _flatten_pairs(targets, pairs)
-        onehot = torch.zeros_like(logits, dtype=torch.float32)
-        onehot[batch_idx, query_idx, labels] = 1.0
+        onehot = _one_hot_at(logits, batch_idx, query_idx, labels)
         focal = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma)
         normalizer = num_boxes * meta.num_groups
         focal = (focal * valid[..., None]).sum() / normalizer

@@ -44,14 +44,31 @@ def focal_class_cost(prob: Tensor, labels: Tensor, alpha: float = 0.25, gamma: f
     return pos - neg
 
 
+def host_to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without waiting for the device (pinned, non-blocking copy on CUDA).
+
+    A plain ``torch.tensor(values, device="cuda")`` or ``.to("cuda")`` of pageable memory synchronizes the stream;
+    the pinned buffer is kept alive by the copy's caching-allocator record until the copy has run.
+    """
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def solve_assignment(cost: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
     """Optimal assignment of a host cost matrix ``(Q, n)`` -> ``(pred_idx (m,), tgt_idx (m,))``, ``m = min(Q, n)``."""
-    if cost.numel() == 0:
-        empty = torch.empty(0, dtype=torch.long, device=device)
-        return empty, empty.clone()
-    rows, cols = linear_sum_assignment(cost.numpy())
-    return (torch.as_tensor(rows, dtype=torch.long, device=device),
-            torch.as_tensor(cols, dtype=torch.long, device=device))
+    return solve_assignments([cost], device)[0]
+
+
+def solve_assignments(costs: list[Tensor], device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """Optimal assignment of each host cost matrix ``(Q_i, n_i)`` -> per matrix ``(pred_idx (m_i,), tgt_idx (m_i,))``
+    with ``m_i = min(Q_i, n_i)``, long, on ``device``; all indices reach the device in one non-blocking copy."""
+    solved = [linear_sum_assignment(cost.numpy()) if cost.numel() else (np.zeros(0), np.zeros(0)) for cost in costs]
+    sizes = [len(rows) for rows, _ in solved]
+    flat = torch.from_numpy(np.concatenate([np.stack((rows, cols)).astype(np.int64).reshape(2, -1)
+                                            for rows, cols in solved], axis=1) if solved else np.zeros((2, 0), np.int64))
+    flat = host_to_device(flat, device)
+    return list(zip(flat[0].split(sizes), flat[1].split(sizes)))
 
 
 class HungarianMatcher(nn.Module):
@@ -91,15 +108,38 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def host_cost_blocks(self, logits: Tensor, pred_boxes: Tensor, targets: list[dict]) -> list[Tensor]:
         """Per-image host cost matrices ``(Q, n_b)`` from one batched computation and one device-to-host copy."""
-        batch_size, num_queries = logits.shape[:2]
+        return self.host_cost_blocks_of_sets([(logits, pred_boxes)], targets)[0]
+
+    @torch.no_grad()
+    def host_cost_blocks_of_sets(self, predictions: list[tuple[Tensor, Tensor]],
+                                 targets: list[dict]) -> list[list[Tensor]]:
+        """Per prediction set ``(B, Q_s, C)``, ``(B, Q_s, 4)`` and image, the host cost matrix ``(Q_s, n_b)``.
+
+        The costs of every set (e.g. every decoder layer and the encoder proposals) are computed on the device and
+        read back in one device-to-host copy: one host sync per loss computation instead of one per set.
+        """
         sizes = [len(t["boxes"]) for t in targets]
         if sum(sizes) == 0:
-            return [torch.zeros(num_queries, 0) for _ in sizes]
-        labels = torch.cat([t["class_labels"] for t in targets]).to(logits.device)
-        boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device)
-        cost = self.cost_matrix(logits.flatten(0, 1), pred_boxes.flatten(0, 1), labels, boxes)
-        cost = cost.view(batch_size, num_queries, -1).cpu()
-        return [block[b] for b, block in enumerate(cost.split(sizes, dim=-1))]
+            return [[torch.zeros(logits.shape[1], 0) for _ in sizes] for logits, _ in predictions]
+        device = predictions[0][0].device
+        labels = torch.cat([t["class_labels"] for t in targets]).to(device)
+        boxes = torch.cat([t["boxes"] for t in targets]).to(device)
+        costs = [self.cost_matrix(logits.flatten(0, 1), pred_boxes.flatten(0, 1), labels, boxes)
+                 for logits, pred_boxes in predictions]
+        host = torch.cat(costs).cpu()  # (sum_s B * Q_s, sum n)
+        blocks = []
+        for (logits, _), cost in zip(predictions, host.split([c.shape[0] for c in costs])):
+            per_image = cost.view(logits.shape[0], logits.shape[1], -1).split(sizes, dim=-1)
+            blocks.append([block[b] for b, block in enumerate(per_image)])
+        return blocks
+
+    @torch.no_grad()
+    def match_sets(self, predictions: list[tuple[Tensor, Tensor]],
+                   targets: list[dict]) -> list[list[tuple[Tensor, Tensor]]]:
+        """``forward`` for several prediction sets against the same targets with one copy each way."""
+        blocks = self.host_cost_blocks_of_sets(predictions, targets)
+        flat = solve_assignments([block for per_set in blocks for block in per_set], predictions[0][0].device)
+        return [flat[index * len(targets):(index + 1) * len(targets)] for index in range(len(predictions))]
 
     @torch.no_grad()
     def forward(self, logits: Tensor, pred_boxes: Tensor, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
@@ -107,8 +147,7 @@ class HungarianMatcher(nn.Module):
 
         ``m = min(Q, n_b)``; an image without targets gets two empty index tensors.
         """
-        blocks = self.host_cost_blocks(logits, pred_boxes, targets)
-        return [solve_assignment(block, logits.device) for block in blocks]
+        return self.match_sets([(logits, pred_boxes)], targets)[0]
 
 
 def _alignment(logits: Tensor, pred_boxes: Tensor, labels: Tensor, boxes: Tensor, alpha: float,
@@ -227,15 +266,17 @@ def rpf_candidates(logits: Tensor, pred_boxes: Tensor, targets: list[dict], grou
         for t in targets
     ]
     blocks = matcher.host_cost_blocks(logits, pred_boxes, group_targets)
-    candidates = []
+    members = []
     for block, target in zip(blocks, targets):
         num_boxes = len(target["boxes"])
         member = np.zeros((logits.shape[1], num_boxes), dtype=bool)
         for columns in _rpf_column_sets(num_boxes, groups, matching):  # column c is copy c // n of box c % n
             rows, cols = linear_sum_assignment(block[:, columns].numpy())
             member[rows, np.asarray(columns)[cols] % num_boxes] = True
-        candidates.append(torch.from_numpy(member).to(logits.device))
-    return candidates
+        members.append(member)
+    sizes = [member.shape[1] for member in members]
+    flat = np.concatenate(members, axis=1) if members else np.zeros((logits.shape[1], 0), dtype=bool)
+    return list(host_to_device(torch.from_numpy(flat), logits.device).split(sizes, dim=1))
 
 
 def _rpf_column_sets(num_boxes: int, groups: int, matching: str) -> list[list[int]]:

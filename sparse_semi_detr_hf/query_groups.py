@@ -59,7 +59,7 @@ def pack_query_group(
         slot = torch.arange(len(order), device=content.device) - starts[sorted_batch]
         padded_content[sorted_batch, slot] = content[order]
         padded_anchors[sorted_batch, slot] = anchors[order]
-        valid[sorted_batch, slot] = True
+        valid.index_put_((sorted_batch, slot), valid.new_ones(()))  # a device True: `= True` would copy from host
     return QueryGroup(padded_content, padded_anchors, valid, see_matching)
 
 
@@ -97,6 +97,6 @@ def build_decoder_attention_mask(
             if group.see_matching:
                 allowed[:, block, total - num_matching:] = valid[:, :, None]
             diagonal = torch.arange(start, start + size, device=device)
-            allowed[:, diagonal, diagonal] = True
+            allowed[:, diagonal, diagonal] = allowed.new_ones(())  # a device True (no host-to-device copy)
         start += size
     return allowed[:, None]

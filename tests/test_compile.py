@@ -122,7 +122,17 @@ class HostTransferAudit(TorchFunctionMode):
         )
         if name in self.READS or (from_host and isinstance(result, torch.Tensor) and result.device.type != "cpu"):
             self.events.append(name)
+        if name == "__setitem__" and _host_scalar_into_advanced_index(*args[:3]):
+            self.events.append("__setitem__ of a Python scalar at tensor indices")
         return result
+
+
+def _host_scalar_into_advanced_index(target, index, value) -> bool:
+    """``target[tensor_index] = 1.0`` on a device tensor: the scalar is copied from the host (a sync on CUDA);
+    basic indexing (slices, ints) fills on the device instead."""
+    indices = index if isinstance(index, tuple) else (index,)
+    return (target.device.type != "cpu" and isinstance(value, (bool, int, float))
+            and any(isinstance(item, torch.Tensor) for item in indices))
 
 
 def test_encode_and_decode_make_no_host_transfer():
@@ -139,6 +149,11 @@ def test_encode_and_decode_make_no_host_transfer():
     with HostTransferAudit() as audit:  # the audit does catch the transfer _shapes_tensor avoids
         torch.as_tensor(state.shapes_list, dtype=torch.long, device="meta")
     assert audit.events == ["as_tensor"]
+    mask = torch.zeros(3, 3, dtype=torch.bool, device="meta")
+    with HostTransferAudit() as audit:  # and a host scalar written at tensor indices (found on an H100)
+        mask[:, 1:] = True
+        mask[torch.arange(2, device="meta"), torch.arange(2, device="meta")] = True
+    assert audit.events == ["__setitem__ of a Python scalar at tensor indices"]
 
 
 def test_shapes_tensor_matches_as_tensor():

@@ -433,3 +433,40 @@ def test_duplicate_rule_keeps_two_apart_objects_of_one_class(joint):
     (drop,) = rpf_duplicate_pseudo_labels(logits, boxes[None], [target], groups=6, topk=4, joint=joint,
                                           generator=torch.Generator().manual_seed(0))
     assert drop.tolist() == [False, False]
+
+
+def test_match_sets_equals_one_matching_per_set():
+    """Several prediction sets (decoder layers, encoder proposals with another query count) matched in one go give
+    each set's own matching, an image without targets included."""
+    matcher = HungarianMatcher()
+    layer_logits, layer_boxes, targets = random_problem(3, 12, 4, [2, 0, 5], seed=7)
+    enc_logits, enc_boxes, _ = random_problem(3, 9, 4, [2, 0, 5], seed=8)
+    sets = [(layer_logits, layer_boxes), (layer_logits * 0.5, layer_boxes.flip(1)), (enc_logits, enc_boxes)]
+    together = matcher.match_sets(sets, targets)
+    assert len(together) == len(sets)
+    for (logits, boxes), matched in zip(sets, together):
+        for (pred, tgt), (pred_alone, tgt_alone) in zip(matched, matcher(logits, boxes, targets), strict=True):
+            assert torch.equal(pred, pred_alone) and torch.equal(tgt, tgt_alone)
+            assert pred.dtype == torch.long and pred.device == logits.device
+    assert [len(pred) for pred, _ in together[2]] == [2, 0, 5]
+
+
+def test_criterion_reads_the_costs_of_all_layers_back_once(monkeypatch):
+    """One device-to-host read of the Hungarian costs per loss computation (final + auxiliary layers + encoder),
+    not one per layer: each read is a host sync on CUDA."""
+    from sparse_semi_detr_hf.configuration_sparse_semi_detr import SparseSemiDetrConfig
+    from sparse_semi_detr_hf.loss import SetCriterion
+
+    reads = []
+    original = HungarianMatcher.host_cost_blocks_of_sets
+
+    def counting(self, predictions, targets):
+        reads.append(len(predictions))
+        return original(self, predictions, targets)
+
+    monkeypatch.setattr(HungarianMatcher, "host_cost_blocks_of_sets", counting)
+    criterion = SetCriterion(SparseSemiDetrConfig(num_labels=4, decoder_layers=3))
+    logits, boxes, targets = random_problem(2, 10, 4, [3, 1], seed=9)
+    criterion(torch.stack([logits, logits, logits]), torch.stack([boxes, boxes, boxes]), targets,
+              enc_logits=logits, enc_boxes=boxes)
+    assert reads == [4]
