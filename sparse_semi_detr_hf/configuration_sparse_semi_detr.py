@@ -72,6 +72,9 @@ class SparseSemiDetrConfig(PretrainedConfig):
             (H-DETR's repeated targets, each copy a distinct prediction; SPEC §4) instead of each group separately
             (the earlier reading, under which the copies mostly pick the same prediction; docs/method.md). Both
             sides of RPF: the one-to-many candidates and the one-to-one duplicate rule.
+        rpf_ignore_duplicates (`bool`, defaults to `True`): a pseudo-box's candidates outside its top-k get no
+            classification loss (SPEC §4 step 5); `False` treats them as background like any other prediction
+            (an ablation: RPF's positives without its duplicate rule).
         deformable_attention_backend (`str`, defaults to `"auto"`): `"auto"` (Triton kernel on CUDA when available),
             `"pytorch"` or `"triton"`; the environment variable `SPARSE_SEMI_DETR_ATTENTION_BACKEND` overrides it.
         init_std (`float`, defaults to 0.02); init_xavier_std (`float`, defaults to 1.0).
@@ -142,6 +145,7 @@ class SparseSemiDetrConfig(PretrainedConfig):
         rpf_jitter: float = 0.1,
         rpf_duplicate_iou: float = 0.7,
         rpf_joint_matching: bool = True,
+        rpf_ignore_duplicates: bool = True,
         deformable_attention_backend: str = "auto",
         init_std: float = 0.02,
         init_xavier_std: float = 1.0,
@@ -207,6 +211,7 @@ class SparseSemiDetrConfig(PretrainedConfig):
         self.rpf_jitter = rpf_jitter
         self.rpf_duplicate_iou = rpf_duplicate_iou
         self.rpf_joint_matching = bool(rpf_joint_matching)
+        self.rpf_ignore_duplicates = bool(rpf_ignore_duplicates)
         self.deformable_attention_backend = deformable_attention_backend
         self.init_std = init_std
         self.init_xavier_std = init_xavier_std

@@ -140,6 +140,7 @@ class SetCriterion(nn.Module):
         self.rpf = {"groups": config.rpf_groups, "topk": config.rpf_topk, "jitter": config.rpf_jitter,
                     "alpha": config.one_to_many_alpha, "beta": config.one_to_many_beta}
         self.rpf_joint_matching = config.rpf_joint_matching
+        self.rpf_ignore_duplicates = getattr(config, "rpf_ignore_duplicates", True)
         self.rpf_duplicate_iou = config.rpf_duplicate_iou
 
     @property
@@ -229,7 +230,7 @@ class SetCriterion(nn.Module):
             results = rpf_assign(logits.detach(), boxes.detach(), targets, generator=generator,
                                  matcher=self.matcher, joint=self.rpf_joint_matching, **self.rpf)
             assignments = [assigned for assigned, _ in results]
-            duplicates = torch.stack([duplicate for _, duplicate in results])
+            duplicates = torch.stack([duplicate for _, duplicate in results]) if self.rpf_ignore_duplicates else None
         else:
             assignments = one_to_many_assign(logits.detach(), boxes.detach(), targets, **self.o2m)
             duplicates = None

@@ -305,6 +305,26 @@ def test_rpf_duplicate_predictions_get_no_class_loss():
     assert not math.isclose(without_rpf.item(), class_loss(logits).item(), rel_tol=1e-4)
 
 
+def test_rpf_duplicates_are_background_when_not_ignored():
+    """``rpf_ignore_duplicates=False`` (ablation): the same positives, and the duplicates count as background."""
+    kwargs = dict(auxiliary_loss=False, encoder_loss=False, matcher_class_cost=0.0, rpf_groups=6, rpf_topk=4,
+                  rpf_jitter=0.25)
+    logits, boxes, targets = rpf_problem()
+    ((assigned, duplicate),) = rpf_assign(logits[0], boxes[0], targets, groups=6, topk=4, jitter=0.25,
+                                          generator=torch.Generator().manual_seed(7),
+                                          matcher=SetCriterion(make_config(**kwargs)).matcher)
+    criterion = SetCriterion(make_config(**kwargs, rpf_ignore_duplicates=False))
+    losses = criterion(logits, boxes, targets, assignment="one_to_many", use_rpf=True,
+                       generator=torch.Generator().manual_seed(7))
+    expected = criterion.one_to_many_losses(logits[0], boxes[0], targets, [assigned], duplicates=None)
+    for name, value in zip(("loss_ce", "loss_bbox", "loss_giou"), expected):
+        torch.testing.assert_close(losses[name], value)
+    louder = logits.clone()
+    louder[0, 0, duplicate] = 6.0  # duplicates pushed up now cost classification loss
+    assert criterion(louder, boxes, targets, assignment="one_to_many", use_rpf=True,
+                     generator=torch.Generator().manual_seed(7))["loss_ce"] > losses["loss_ce"] + 0.1
+
+
 def duplicate_pseudo_label_problem():
     """Pseudo-boxes A (0.9) and its near copy A' (0.6) of class 0, B (class 1) on A, C elsewhere."""
     box_a = [0.5, 0.5, 0.3, 0.3]

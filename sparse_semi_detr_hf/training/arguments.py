@@ -63,7 +63,7 @@ PRESETS = {
 MODEL_FIELDS = (
     "backbone", "freeze_backbone_batch_norm", "d_model", "encoder_layers", "decoder_layers", "num_queries",
     "num_denoising_queries", "num_detections", "query_mode", "use_rpf", "rpf_groups", "rpf_topk", "rpf_jitter",
-    "rpf_duplicate_iou", "rpf_joint_matching", "pseudo_label_threshold", "qrm_attention_on", "qrm_use_similarity",
+    "rpf_duplicate_iou", "rpf_joint_matching", "rpf_ignore_duplicates", "pseudo_label_threshold", "qrm_attention_on", "qrm_use_similarity",
     "qrm_similarity_threshold", "qrm_reduced_dim", "consistency_loss_coefficient", "one_to_many_topk",
     "box_noise_scale", "label_noise_ratio", "class_loss_coefficient", "deformable_attention_backend",
 )
@@ -210,6 +210,9 @@ class TrainingArguments:
     rpf_joint_matching: bool | None = field(default=None, metadata={
         "help": "RPF: match the m groups of pseudo-labels in one assignment (distinct predictions per copy; "
                 "default) or each group separately (false)."})
+    rpf_ignore_duplicates: bool | None = field(default=None, metadata={
+        "help": "RPF: candidates outside a pseudo-box's top-k get no classification loss (default) or are "
+                "background (false; ablation)."})
     pseudo_label_threshold: float | None = field(default=None, metadata={"help": "Teacher score threshold tau."})
     qrm_attention_on: str | None = field(default=None, metadata={"choices": ("low", "high", "both", "none"),
                                                                  "help": "QRM attention: low|high|both|none."})
