@@ -38,6 +38,8 @@ class TimmBackbone(nn.Module):
         self.body = self._create(pretrained=False)
         if config.freeze_backbone_batch_norm:
             self.body = freeze_batch_norm_2d(self.body)
+        self.frozen_stages = getattr(config, "backbone_frozen_stages", 0)
+        freeze_stages_(self.body, self.frozen_stages, self.model_name)
         self.channels = list(self.body.feature_info.channels())
         self.strides = list(self.body.feature_info.reduction())
         _mark_initialized(self.body)
@@ -66,6 +68,23 @@ class TimmBackbone(nn.Module):
         if missing:
             raise RuntimeError(f"pretrained {self.model_name} lacks backbone weights: {missing[:5]}")
         logger.info("loaded ImageNet weights for %s (%d unused keys)", self.model_name, len(unexpected))
+
+
+def freeze_stages_(body: nn.Module, stages: int, name: str = "backbone") -> None:
+    """Stop training the stem and the first ``stages`` stages of a ResNet-style trunk (``requires_grad=False``).
+
+    The stem is every child before ``layer1`` (conv1/bn1 or timm's deep stem); ``stages = 0`` freezes nothing.
+    """
+    if stages <= 0:
+        return
+    children = [child for child, _ in body.named_children()]
+    if f"layer{stages}" not in children:
+        raise ValueError(f"backbone_frozen_stages={stages} needs a ResNet-style backbone with a 'layer{stages}' "
+                         f"stage; {name!r} has {children}. Set backbone_frozen_stages=0.")
+    for child_name, child in body.named_children():
+        child.requires_grad_(False)
+        if child_name == f"layer{stages}":
+            break
 
 
 class Neck(nn.Module):

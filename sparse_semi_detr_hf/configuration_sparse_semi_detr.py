@@ -16,7 +16,13 @@ class SparseSemiDetrConfig(PretrainedConfig):
     r"""
     Args:
         num_labels (`int`, defaults to 91 via `id2label`/`num_labels`): number of object classes (no background class).
-        backbone (`str`, defaults to `"resnet50"`): timm model name, built with `features_only=True`.
+        backbone (`str`, defaults to `"resnet50.tv_in1k"`): timm model name, built with `features_only=True`. The
+            default is torchvision's ImageNet ResNet-50 (v1), the start of DINO, Deformable DETR and Semi-DETR
+            (timm's plain `"resnet50"` loads `resnet50.a1_in1k`, another training recipe).
+        backbone_frozen_stages (`int`, defaults to 1): backbone stages whose parameters are frozen (not trained):
+            0 none, 1 the stem and `layer1` (DINO's setting for an ImageNet start), `n` the stem and `layer1..n`.
+            ResNet-style timm backbones only (children named `layer1`, `layer2`, ...). Train randomly initialised
+            backbones with 0.
         backbone_out_indices (`list[int]`, defaults to `[2, 3, 4]`): timm feature indices (strides 8/16/32 on ResNets).
         backbone_kwargs (`dict`, *optional*): extra keyword arguments for `timm.create_model`.
         use_pretrained_backbone (`bool`, defaults to `False`): the backbone should start from timm's ImageNet weights.
@@ -35,6 +41,12 @@ class SparseSemiDetrConfig(PretrainedConfig):
         dropout (`float`, defaults to 0.0); activation_function (`str`, defaults to `"relu"`).
         num_queries (`int`, defaults to 900): matching queries selected from the encoder proposals.
         look_forward_twice (`bool`, defaults to `True`): DINO's box refinement gradient path.
+        decoder_reference_from_normed (`bool`, defaults to `False`): `False` (DINO): the next decoder layer's
+            reference box comes from the box head applied to the layer output *before* the decoder's final
+            LayerNorm, the predicted box from the normed output (DINO applies the box head twice). `True`: both
+            from the normed output (this package's rule before it matched DINO; models saved then carry `True`).
+        inverse_sigmoid_eps (`float`, defaults to 1e-3): clamp of the decoder's box logits (`logit(ref)`), DINO's
+            value (models saved before it was a field used 1e-5 and carry it).
         num_denoising_queries (`int`, defaults to 100): contrastive denoising budget (`dn_number`).
         label_noise_ratio (`float`, defaults to 0.5): labels are flipped with probability `ratio * 0.5`.
         box_noise_scale (`float`, defaults to 0.4): Semi-DETR's value (DINO/detrex use 1.0).
@@ -85,7 +97,8 @@ class SparseSemiDetrConfig(PretrainedConfig):
 
     def __init__(
         self,
-        backbone: str = "resnet50",
+        backbone: str = "resnet50.tv_in1k",
+        backbone_frozen_stages: int = 1,
         backbone_out_indices: list[int] | tuple[int, ...] = (2, 3, 4),
         backbone_kwargs: dict | None = None,
         use_pretrained_backbone: bool = False,
@@ -107,6 +120,8 @@ class SparseSemiDetrConfig(PretrainedConfig):
         activation_function: str = "relu",
         num_queries: int = 900,
         look_forward_twice: bool = True,
+        decoder_reference_from_normed: bool = False,
+        inverse_sigmoid_eps: float = 1e-3,
         num_denoising_queries: int = 100,
         label_noise_ratio: float = 0.5,
         box_noise_scale: float = 0.4,
@@ -152,6 +167,7 @@ class SparseSemiDetrConfig(PretrainedConfig):
         **kwargs,
     ):
         self.backbone = backbone
+        self.backbone_frozen_stages = int(backbone_frozen_stages)
         self.backbone_out_indices = list(backbone_out_indices)
         self.backbone_kwargs = dict(backbone_kwargs or {})
         self.use_pretrained_backbone = use_pretrained_backbone
@@ -173,6 +189,8 @@ class SparseSemiDetrConfig(PretrainedConfig):
         self.activation_function = activation_function
         self.num_queries = num_queries
         self.look_forward_twice = look_forward_twice
+        self.decoder_reference_from_normed = bool(decoder_reference_from_normed)
+        self.inverse_sigmoid_eps = float(inverse_sigmoid_eps)
         self.num_denoising_queries = num_denoising_queries
         self.label_noise_ratio = label_noise_ratio
         self.box_noise_scale = box_noise_scale

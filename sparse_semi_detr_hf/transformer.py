@@ -148,9 +148,12 @@ class DecoderLayer(GradientCheckpointingLayer):
 class Decoder(nn.Module):
     """DINO decoder: query position from the anchors' sine embedding, box refinement after every layer.
 
-    The box head is shared with the detection head (passed to ``forward``). With ``look_forward_twice`` the box
-    returned for the loss of layer ``l`` is ``sigmoid(delta_l + logit(box_{l-1}))`` with ``box_{l-1}`` not
-    detached, while layer ``l + 1`` receives the detached box.
+    The box head is shared with the detection head (passed to ``forward``). As in DINO it is applied twice per
+    layer: to the layer output before the final LayerNorm for the reference box of the next layer
+    (``ref_l = sigmoid(head(out_l) + logit(ref_{l-1}))``), and to the normed output for the layer's predicted box
+    (``sigmoid(head(norm(out_l)) + logit(ref_{l-1}))``). With ``look_forward_twice`` the prediction's
+    ``ref_{l-1}`` is not detached (gradient reaches the previous layer), while layer ``l`` itself receives the
+    detached box. ``config.decoder_reference_from_normed`` takes both boxes from the normed output (one head call).
     """
 
     def __init__(self, config):
@@ -160,6 +163,8 @@ class Decoder(nn.Module):
         self.query_pos_head = MLP(2 * d, d, d, 2)
         self.norm = nn.LayerNorm(d)
         self.look_forward_twice = config.look_forward_twice
+        self.reference_from_normed = getattr(config, "decoder_reference_from_normed", False)
+        self.eps = getattr(config, "inverse_sigmoid_eps", 1e-3)
         self.num_pos_feats = d // 2
 
     def forward(self, tgt, anchors, memory, memory_state, valid_ratios, attention_mask, box_head):
@@ -182,11 +187,12 @@ class Decoder(nn.Module):
             tgt = layer(tgt, query_pos, reference_points, memory, memory_state, attention_mask)
             hidden = self.norm(tgt)
             delta = box_head(hidden)
-            new_reference = (delta + inverse_sigmoid(reference)).sigmoid()
+            reference_delta = delta if self.reference_from_normed else box_head(tgt)
+            new_reference = (reference_delta + inverse_sigmoid(reference, self.eps)).sigmoid()
             if self.look_forward_twice:
-                boxes.append((delta + inverse_sigmoid(reference_for_loss)).sigmoid())
+                boxes.append((delta + inverse_sigmoid(reference_for_loss, self.eps)).sigmoid())
             else:
-                boxes.append(new_reference)
+                boxes.append((delta + inverse_sigmoid(reference, self.eps)).sigmoid())
             hidden_states.append(hidden)
             reference_for_loss = new_reference
             reference = new_reference.detach()

@@ -13,6 +13,7 @@ def tiny_config_kwargs(**overrides) -> dict:
     """A DINO small enough for CPU tests: resnet18 from scratch, d_model 32, 2+2 layers, 20 queries."""
     kwargs = dict(
         backbone="resnet18",
+        backbone_frozen_stages=0,  # random weights: train every stage (DINO's 1 is for an ImageNet start)
         freeze_backbone_batch_norm=False,
         num_labels=3,
         d_model=32,

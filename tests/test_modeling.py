@@ -181,12 +181,61 @@ def test_backbone_out_indices_that_do_not_fit_are_reported():
 
 def test_default_config_builds_and_runs_offline():
     config = SparseSemiDetrConfig()
-    assert (config.backbone, config.num_queries, config.d_model, config.encoder_layers) == ("resnet50", 900, 256, 6)
+    assert (config.backbone, config.num_queries, config.d_model, config.encoder_layers) == \
+        ("resnet50.tv_in1k", 900, 256, 6)
     model = SparseSemiDetrForObjectDetection(config).eval()
     with torch.no_grad():
         out = model(pixel_values=torch.randn(1, 3, 320, 320))
     assert out.logits.shape == (1, 900, config.num_labels)
     assert torch.isfinite(out.pred_boxes).all()
+
+
+def test_default_backbone_freezes_stem_and_layer1_like_dino():
+    """DINO starts from torchvision's ResNet-50 with the stem and layer1 frozen: no gradient, not optimized."""
+    model = SparseSemiDetrForObjectDetection(SparseSemiDetrConfig(**tiny_config_kwargs(backbone_frozen_stages=1)))
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    body = "model.backbone.body."
+    assert frozen and all(name.startswith((body + "conv1", body + "bn1", body + "layer1.")) for name in frozen)
+    assert any(name.startswith(body + "layer1.") for name in frozen) and any(name.startswith(body + "conv1")
+                                                                          for name in frozen)
+    assert all(p.requires_grad for name, p in model.named_parameters() if name.startswith(body + "layer2."))
+    model.train()(pixel_values=torch.randn(1, 3, 64, 64),
+                  labels=[{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+                  ).loss.backward()
+    assert all(p.grad is None for name, p in model.named_parameters() if name in frozen)
+    assert model.model.backbone.body.layer2[0].conv1.weight.grad is not None
+    with pytest.raises(ValueError, match="backbone_frozen_stages"):
+        SparseSemiDetrForObjectDetection(SparseSemiDetrConfig(**tiny_config_kwargs(backbone_frozen_stages=7)))
+
+
+def test_content_queries_are_xavier_initialised_like_dino():
+    model = SparseSemiDetrForObjectDetection(SparseSemiDetrConfig(**tiny_config_kwargs(num_queries=300, d_model=64,
+                                                                                       neck_group_norm_groups=8)))
+    weight = model.model.query_selection.content_queries.weight
+    bound = (6 / (300 + 64)) ** 0.5  # xavier_uniform_ on a (300, 64) matrix
+    assert weight.abs().max() <= bound and weight.std() > 0.5 * bound / 3 ** 0.5
+    assert model.model.label_embedding.weight.std() > 0.5  # the denoising label embedding stays N(0, 1)
+
+
+def test_decoder_reference_rule_old_models_keep_theirs():
+    """``decoder_reference_from_normed`` changes the boxes of layers after the first only (DINO's rule is the
+    default; the shipped demo burn-in was trained with the old rule and says so in its config)."""
+    outputs = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = SparseSemiDetrForObjectDetection(
+            SparseSemiDetrConfig(**tiny_config_kwargs(decoder_reference_from_normed=flag))).eval()
+        for layer in model.model.decoder.layers:  # non-trivial LayerNorm so that normed != pre-norm
+            torch.nn.init.normal_(layer.norm_ffn.weight, 1.0, 0.5)
+        torch.nn.init.normal_(model.model.box_head.layers[-1].weight, 0.0, 0.1)
+        with torch.no_grad():
+            outputs[flag] = model(pixel_values=torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(outputs[False].auxiliary_outputs[0]["pred_boxes"],
+                               outputs[True].auxiliary_outputs[0]["pred_boxes"])
+    assert not torch.allclose(outputs[False].pred_boxes, outputs[True].pred_boxes)
+    from sparse_semi_detr_hf.training.arguments import DEMO_BURNIN_DIR
+    demo = SparseSemiDetrConfig.from_pretrained(DEMO_BURNIN_DIR)
+    assert demo.decoder_reference_from_normed and demo.inverse_sigmoid_eps == 1e-5 and demo.backbone_frozen_stages == 0
 
 
 def test_dino_initialisation_reaches_parameterless_containers():

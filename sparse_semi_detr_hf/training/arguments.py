@@ -26,7 +26,8 @@ PRESETS = {
     # detector trains from scratch.
     "synthetic": dict(
         max_steps=500, one_to_many_steps=500, eval_steps=250, checkpointing_steps=500, learning_rate=5e-4,
-        ema_momentum=0.995, backbone="test_resnet", freeze_backbone_batch_norm=False, d_model=32, encoder_layers=2,
+        ema_momentum=0.995, backbone="test_resnet", backbone_frozen_stages=0, freeze_backbone_batch_norm=False,
+        d_model=32, encoder_layers=2,
         decoder_layers=2, ffn_dim=128, num_queries=40, num_denoising_queries=20, num_detections=50,
         image_scales="96,112,128", max_image_size=160, eval_image_size=112, synthetic_num_train=400,
         synthetic_num_val=60, labeled_percent=10.0, qrm_reduced_dim=16, attention_heads=4,
@@ -41,7 +42,8 @@ PRESETS = {
     # ResNet-10-T from scratch, d_model 64, 2 + 2 layers, views 96-128 px; validation 150 + test 300 images.
     "synthetic_benchmark": dict(
         max_steps=3000, one_to_many_steps=3000, eval_steps=500, checkpointing_steps=500, learning_rate=5e-4,
-        ema_momentum=0.995, backbone="resnet10t", freeze_backbone_batch_norm=False, d_model=64, encoder_layers=2,
+        ema_momentum=0.995, backbone="resnet10t", backbone_frozen_stages=0, freeze_backbone_batch_norm=False,
+        d_model=64, encoder_layers=2,
         decoder_layers=2, ffn_dim=256, num_queries=60, num_denoising_queries=30, num_detections=100,
         image_scales="96,112,128", max_image_size=160, eval_image_size=112, synthetic_num_train=400,
         synthetic_num_val=150, synthetic_num_test=300, labeled_percent=10.0, qrm_reduced_dim=32, attention_heads=8,
@@ -50,7 +52,8 @@ PRESETS = {
     ),
     "paper": dict(
         max_steps=120_000, one_to_many_steps=60_000, eval_steps=4000, checkpointing_steps=4000, learning_rate=1e-4,
-        ema_momentum=0.999, backbone="resnet50", freeze_backbone_batch_norm=True, d_model=256, encoder_layers=6,
+        ema_momentum=0.999, backbone="resnet50.tv_in1k", backbone_frozen_stages=1, freeze_backbone_batch_norm=True,
+        d_model=256, encoder_layers=6,
         decoder_layers=6, ffn_dim=2048, num_queries=900, num_denoising_queries=100, num_detections=300,
         image_scales="480,512,544,576,608,640,672,704,736,768,800", max_image_size=1333, eval_image_size=800,
         synthetic_num_train=2000, synthetic_num_val=200, labeled_percent=10.0, qrm_reduced_dim=64,
@@ -61,9 +64,10 @@ PRESETS = {
 
 # Trainer fields that are SparseSemiDetrConfig fields of the same name.
 MODEL_FIELDS = (
-    "backbone", "freeze_backbone_batch_norm", "d_model", "encoder_layers", "decoder_layers", "num_queries",
-    "num_denoising_queries", "num_detections", "query_mode", "use_rpf", "rpf_groups", "rpf_topk", "rpf_jitter",
-    "rpf_duplicate_iou", "rpf_joint_matching", "rpf_ignore_duplicates", "pseudo_label_threshold", "qrm_attention_on", "qrm_use_similarity",
+    "backbone", "backbone_frozen_stages", "freeze_backbone_batch_norm", "d_model", "encoder_layers",
+    "decoder_layers", "num_queries", "num_denoising_queries", "num_detections", "query_mode", "use_rpf",
+    "rpf_groups", "rpf_topk", "rpf_jitter", "rpf_duplicate_iou", "rpf_joint_matching", "rpf_ignore_duplicates",
+    "pseudo_label_threshold", "qrm_attention_on", "qrm_use_similarity",
     "qrm_similarity_threshold", "qrm_reduced_dim", "consistency_loss_coefficient", "one_to_many_topk",
     "box_noise_scale", "label_noise_ratio", "class_loss_coefficient", "deformable_attention_backend",
 )
@@ -190,6 +194,8 @@ class TrainingArguments:
                 "given; false trains from scratch."})
     pretrained_backbone: bool = field(default=False, metadata={"help": "Load timm's ImageNet backbone weights."})
     backbone: str | None = field(default=None, metadata={"help": "timm backbone name."})
+    backbone_frozen_stages: int | None = field(default=None, metadata={
+        "help": "Backbone stages not trained: 0 none, 1 stem + layer1 (DINO, for an ImageNet start)."})
     freeze_backbone_batch_norm: bool | None = field(default=None, metadata={"help": "Frozen BN in the backbone."})
     d_model: int | None = field(default=None, metadata={"help": "Transformer width."})
     encoder_layers: int | None = field(default=None, metadata={"help": "Encoder layers."})

@@ -242,6 +242,10 @@ def build_detector(args: TrainingArguments, id2label: dict) -> SparseSemiDetrFor
     detector = SparseSemiDetrForObjectDetection(config)
     if args.pretrained_backbone:
         detector.load_pretrained_backbone()
+    elif config.backbone_frozen_stages > 0:
+        logger.warning("The backbone starts from random weights but its first %d stage(s) are frozen "
+                       "(backbone_frozen_stages): they will never train. Use --pretrained_backbone true or "
+                       "--backbone_frozen_stages 0.", config.backbone_frozen_stages)
     return detector
 
 
