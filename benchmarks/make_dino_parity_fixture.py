@@ -241,7 +241,6 @@ def main() -> None:
     evaluated = record(out)
     detections = postprocessors["bbox"](out, inputs["target_sizes"])
     evaluated["detections"] = [{k: v.detach() for k, v in d.items()} for d in detections]
-    references = model.transformer.decoder  # noqa: F841  (kept for debugging)
 
     train = {name: run_train(model, criterion, samples, inputs[name]) for name in ("targets_equal", "targets_padded")}
 

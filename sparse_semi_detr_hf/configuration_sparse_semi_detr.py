@@ -49,6 +49,9 @@ class SparseSemiDetrConfig(PretrainedConfig):
             value (models saved before it was a field used 1e-5 and carry it).
         num_denoising_queries (`int`, defaults to 100): contrastive denoising budget (`dn_number`).
         label_noise_ratio (`float`, defaults to 0.5): labels are flipped with probability `ratio * 0.5`.
+        denoising_padding_is_background (`bool`, defaults to `True`): the padding slots of the denoising groups (an
+            image with fewer targets than the batch maximum) are background in the classification loss, as in DINO;
+            `False` leaves them out of the loss (this package's rule before it matched DINO).
         box_noise_scale (`float`, defaults to 0.4): Semi-DETR's value (DINO/detrex use 1.0).
         class_loss_coefficient / bbox_loss_coefficient / giou_loss_coefficient (`float`, defaults 1.0 / 5.0 / 2.0).
         focal_alpha / focal_gamma (`float`, defaults 0.25 / 2.0).
@@ -121,6 +124,7 @@ class SparseSemiDetrConfig(PretrainedConfig):
         num_queries: int = 900,
         look_forward_twice: bool = True,
         decoder_reference_from_normed: bool = False,
+        denoising_padding_is_background: bool = True,
         inverse_sigmoid_eps: float = 1e-3,
         num_denoising_queries: int = 100,
         label_noise_ratio: float = 0.5,
@@ -190,6 +194,7 @@ class SparseSemiDetrConfig(PretrainedConfig):
         self.num_queries = num_queries
         self.look_forward_twice = look_forward_twice
         self.decoder_reference_from_normed = bool(decoder_reference_from_normed)
+        self.denoising_padding_is_background = bool(denoising_padding_is_background)
         self.inverse_sigmoid_eps = float(inverse_sigmoid_eps)
         self.num_denoising_queries = num_denoising_queries
         self.label_noise_ratio = label_noise_ratio

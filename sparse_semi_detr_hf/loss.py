@@ -141,6 +141,7 @@ class SetCriterion(nn.Module):
                     "alpha": config.one_to_many_alpha, "beta": config.one_to_many_beta}
         self.rpf_joint_matching = config.rpf_joint_matching
         self.rpf_ignore_duplicates = getattr(config, "rpf_ignore_duplicates", True)
+        self.denoising_padding_is_background = getattr(config, "denoising_padding_is_background", True)
         self.rpf_duplicate_iou = config.rpf_duplicate_iou
 
     @property
@@ -286,6 +287,8 @@ class SetCriterion(nn.Module):
         onehot = _one_hot_at(logits, batch_idx, query_idx, labels)
         focal = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma)
         normalizer = num_boxes * meta.num_groups
-        focal = (focal * valid[..., None]).sum() / normalizer
+        if not self.denoising_padding_is_background:
+            focal = focal * valid[..., None]
+        focal = focal.sum() / normalizer
         bbox, giou = box_losses(boxes[batch_idx, query_idx], target_boxes, normalizer, anchor=boxes)
         return focal, bbox, giou

@@ -204,7 +204,7 @@ def test_denoising_losses_pick_positive_negative_and_padding_slots():
     for b, pairs in positives.items():
         for query, j in pairs:
             dn_boxes[:, b, query] = targets[b]["boxes"][j]  # ... except exact boxes at the positive slots
-    criterion = SetCriterion(make_config(encoder_loss=False))
+    criterion = SetCriterion(make_config(encoder_loss=False, denoising_padding_is_background=False))
     layer_logits, layer_boxes = make_outputs(2, 2, 5, generator)
     losses = criterion(layer_logits, layer_boxes, targets, dn_logits=dn_logits, dn_boxes=dn_boxes, dn_meta=meta)
     for key in ("loss_bbox_dn", "loss_giou_dn", "loss_bbox_dn_0", "loss_giou_dn_0"):
@@ -226,6 +226,11 @@ def test_denoising_losses_pick_positive_negative_and_padding_slots():
     negative[:, 1, 2] = 9.0
     changed = criterion(layer_logits, layer_boxes, targets, dn_logits=negative, dn_boxes=dn_boxes, dn_meta=meta)
     assert changed["loss_ce_dn"] > losses["loss_ce_dn"] + 0.1
+    # DINO's rule (the default): the padding slots are background too
+    dino = SetCriterion(make_config(encoder_loss=False))
+    with_padding = dino(layer_logits, layer_boxes, targets, dn_logits=dn_logits, dn_boxes=dn_boxes, dn_meta=meta)
+    padding_rows = sigmoid_focal_loss(dn_logits[-1, 1, [1, 3, 5, 7]], torch.zeros(4, NUM_LABELS), reduction="sum")
+    torch.testing.assert_close(with_padding["loss_ce_dn"], (expected + padding_rows) / (3 * meta.num_groups))
 
 
 def test_denoising_layout_mismatch_is_reported():
