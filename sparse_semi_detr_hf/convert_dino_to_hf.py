@@ -279,14 +279,44 @@ def build_config_from_dino(state_dict: dict, args=None, backbone: str | None = N
         id2label={i: COCO_NAMES.get(i, "N/A") for i in range(num_labels)} if num_labels == 91 else
         {i: f"LABEL_{i}" for i in range(num_labels)},
     )
-    if "inverse_sigmoid_eps" in SparseSemiDetrConfig.__init__.__code__.co_varnames:
-        kwargs["inverse_sigmoid_eps"] = 1e-3  # DINO's util.misc.inverse_sigmoid
-    if "backbone_frozen_stages" in SparseSemiDetrConfig.__init__.__code__.co_varnames:
-        kwargs["backbone_frozen_stages"] = 1  # DINO's BackboneBase trains layer2-4 only (stem + layer1 frozen)
+    kwargs["inverse_sigmoid_eps"] = 1e-3  # DINO's util.misc.inverse_sigmoid
+    kwargs["backbone_frozen_stages"] = 1  # DINO's BackboneBase trains layer2-4 only (stem + layer1 frozen)
     if "neck_group_norm_groups" not in overrides:
         kwargs["neck_group_norm_groups"] = 32
     kwargs.update(overrides)
     return SparseSemiDetrConfig(**kwargs)
+
+
+# Converted keys whose first dimension indexes the classes (label embedding: classes + its padding row).
+CLASS_ROW_KEYS = ("model.class_head.weight", "model.class_head.bias", "model.query_selection.class_head.weight",
+                  "model.query_selection.class_head.bias")
+COCO80_IDS = sorted(COCO_NAMES)
+
+
+def slice_to_coco80(converted: dict, config: SparseSemiDetrConfig) -> tuple[dict, SparseSemiDetrConfig]:
+    """The 91-id COCO head of a converted DINO reduced to COCO's 80 categories, in sorted-id order.
+
+    Labels ``0..79`` are then the COCO category ids in ascending order: the contiguous labels this package's COCO
+    loader gives (``training/data.py``), so the model fine-tunes or evaluates on a COCO-format dataset without a new
+    head. The class heads keep rows ``COCO80_IDS``; the denoising label embedding keeps rows ``COCO80_IDS + [91]``
+    (the last one: the padding row). What this approximates: the 11 unused ids are dropped from the encoder's
+    proposal scores (the max over classes that picks the top-K queries), which only changes the selection where an
+    unused id scored highest; DINO trained them as background everywhere, so that is rare.
+    """
+    if config.num_labels != 91:
+        raise ValueError(f"coco80 slicing needs DINO's 91-id head, the checkpoint has {config.num_labels} classes.")
+    rows = torch.tensor(COCO80_IDS)
+    sliced = OrderedDict(converted)
+    for key in CLASS_ROW_KEYS:
+        sliced[key] = converted[key][rows].clone()
+    sliced["model.label_embedding.weight"] = converted["model.label_embedding.weight"][
+        torch.cat((rows, torch.tensor([config.num_labels])))].clone()
+    config_dict = config.to_dict()
+    for key in ("id2label", "label2id", "num_labels", "model_type", "transformers_version", "architectures"):
+        config_dict.pop(key, None)
+    id2label = {index: COCO_NAMES[category] for index, category in enumerate(COCO80_IDS)}
+    return sliced, SparseSemiDetrConfig(**config_dict, id2label=id2label,
+                                        label2id={name: index for index, name in id2label.items()})
 
 
 def load_dino_checkpoint(path: str) -> tuple[dict, dict]:
@@ -303,8 +333,10 @@ def load_dino_checkpoint(path: str) -> tuple[dict, dict]:
 
 
 def convert_dino_checkpoint(checkpoint_path: str, pytorch_dump_folder_path: str, allow_missing_backbone: bool = False,
-                            backbone: str | None = None, push_to_hub: bool = False, hub_model_id: str | None = None):
-    """Load, convert, check and save model + image processor; returns the model."""
+                            backbone: str | None = None, push_to_hub: bool = False, hub_model_id: str | None = None,
+                            coco80: bool = False):
+    """Load, convert, check and save model + image processor (``coco80``: see :func:`slice_to_coco80`); returns
+    the model."""
     from .image_processing_sparse_semi_detr import SparseSemiDetrImageProcessor
     from .modeling_sparse_semi_detr import SparseSemiDetrForObjectDetection
 
@@ -319,6 +351,9 @@ def convert_dino_checkpoint(checkpoint_path: str, pytorch_dump_folder_path: str,
                        "initialization. Detections of the saved model are meaningless until a backbone is loaded."
                        "\n%s", banner, len(missing_backbone), config.backbone, banner)
         print(f"WARNING: no backbone weights in {checkpoint_path}; the backbone of the saved model is random.")
+    if coco80:
+        converted, config = slice_to_coco80(converted, config)
+        model = SparseSemiDetrForObjectDetection(config).eval()
     model.load_state_dict(converted, strict=False)
     processor = SparseSemiDetrImageProcessor()
     model.save_pretrained(pytorch_dump_folder_path)
@@ -338,12 +373,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow_missing_backbone", action="store_true",
                         help="Accept a checkpoint without backbone weights (the backbone stays random; loud warning).")
     parser.add_argument("--backbone", default=None, help="timm backbone name (default: inferred from the checkpoint).")
+    parser.add_argument("--coco80", action="store_true",
+                        help="Keep COCO's 80 categories (labels 0..79 = sorted COCO ids, as this package's COCO loader "
+                             "numbers them) instead of DINO's 91 ids; needed to fine-tune or evaluate on COCO here.")
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id", default=None)
     cli = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     convert_dino_checkpoint(cli.checkpoint_path, cli.pytorch_dump_folder_path, cli.allow_missing_backbone,
-                            cli.backbone, cli.push_to_hub, cli.hub_model_id)
+                            cli.backbone, cli.push_to_hub, cli.hub_model_id, cli.coco80)
     print(f"saved to {cli.pytorch_dump_folder_path}")
 
 

@@ -251,3 +251,33 @@ def test_cli_converts_a_dino_checkpoint(fixture, tmp_path):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
     detections = detector(image, threshold=0.0)
     assert detections and {"score", "label", "box"} <= set(detections[0])
+
+
+def test_coco80_keeps_the_rows_of_the_80_coco_ids(fixture, tmp_path):
+    """``--coco80``: class heads keep rows of the sorted COCO ids, the label embedding those rows + its padding row,
+    labels are COCO's names in the order this package's COCO loader numbers them; the model loads and runs."""
+    from transformers import AutoModelForObjectDetection
+
+    from sparse_semi_detr_hf.convert_dino_to_hf import COCO80_IDS, COCO_NAMES, slice_to_coco80
+
+    original = dino_state_dict(fixture)
+    config = build_config_from_dino(original, fixture["args"], backbone="test_resnet")
+    converted = convert_dino_state_dict(original)
+    sliced, sliced_config = slice_to_coco80(converted, config)
+    assert sliced_config.num_labels == 80 and sliced_config.id2label[0] == "person"
+    assert [sliced_config.id2label[i] for i in range(80)] == [COCO_NAMES[c] for c in sorted(COCO_NAMES)]
+    rows = torch.tensor(COCO80_IDS)
+    for key in ("model.class_head.weight", "model.class_head.bias", "model.query_selection.class_head.bias"):
+        assert torch.equal(sliced[key], converted[key][rows])
+    assert torch.equal(sliced["model.label_embedding.weight"][:80], converted["model.label_embedding.weight"][rows])
+    assert torch.equal(sliced["model.label_embedding.weight"][80], converted["model.label_embedding.weight"][91])
+    model = SparseSemiDetrForObjectDetection(sliced_config)
+    missing, unexpected = model.load_state_dict(sliced, strict=False)
+    assert not unexpected and all(key.startswith("model.backbone.") for key in missing)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        out = AutoModelForObjectDetection.from_pretrained(tmp_path).eval()(pixel_values=torch.randn(1, 3, 64, 64))
+    assert out.logits.shape == (1, config.num_queries, 80)
+    with pytest.raises(ValueError, match="91"):
+        slice_to_coco80(converted, build_config_from_dino(original, fixture["args"], backbone="test_resnet",
+                                                          num_labels=80))
