@@ -249,6 +249,18 @@ class FakeHubApi:
         return future
 
 
+def _remote_code_files() -> set[str]:
+    """The model, config and image-processor files and every module they import relatively: what remote code
+    needs (package utilities such as ``cuda_graphs.py`` or ``convert_dino_to_hf.py`` are not part of it)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    roots = ["modeling_sparse_semi_detr.py", "configuration_sparse_semi_detr.py", "image_processing_sparse_semi_detr.py"]
+    files = {name for name in roots}
+    for root in roots:
+        files |= {Path(path).name for path in get_relative_import_files(str(MODEL_SIDE / root))}
+    return files
+
+
 def _hub_run(tmp_path, cache, api) -> tuple[SemiSupervisedTrainer, dict]:
     args = tiny_args(tmp_path / "out", cache, "--max_steps", "1", "--eval_steps", "100", "--checkpointing_steps",
                      "100", "--push_to_hub", "--hub_model_id", "me/model", "--query_mode", "none")
@@ -263,8 +275,8 @@ def test_push_to_hub_uploads_the_model_folder(tmp_path, synthetic_cache):
     remote = tmp_path / "remote" / "me" / "model"
     names = {p.name for p in remote.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= names
-    model_side = {p.name for p in MODEL_SIDE.glob("*.py")} - {"__init__.py"}
-    assert {"configuration_sparse_semi_detr.py", "modeling_sparse_semi_detr.py"} <= model_side <= names
+    model_side = _remote_code_files()
+    assert {"configuration_sparse_semi_detr.py", "modeling_sparse_semi_detr.py", "loss.py"} <= model_side <= names
     assert not any(name.startswith("checkpoint") or name.endswith((".bin", ".pkl")) for name in names)
     assert json.loads((remote / "config.json").read_text())["auto_map"]
     card = ModelCard.load(remote / "README.md")
