@@ -28,6 +28,25 @@ MODES = {"one_to_many": ["--use_rpf", "false"],
          "rpf_separate": ["--use_rpf", "true", "--rpf_joint_matching", "false"]}
 
 
+def against_plain_top_k(criterion, logits, boxes, targets, assignments, duplicates) -> dict:
+    """How this assignment's positives relate to the plain one-to-many top-k (k = RPF's k) on the same predictions:
+    shared positives, plain positives this assignment trains as background (neither positive nor duplicate), and
+    the summed soft weight of the positives of each."""
+    from sparse_semi_detr_hf.matcher import one_to_many_assign
+
+    plain = one_to_many_assign(logits.detach(), boxes.detach(), targets, topk=criterion.rpf["topk"],
+                               alpha=criterion.o2m["alpha"], beta=criterion.o2m["beta"])
+    shared = background = 0
+    for image, (ours, reference) in enumerate(zip(assignments, plain)):
+        ours_set, reference_set = set(ours.pred_idx.tolist()), set(reference.pred_idx.tolist())
+        ignored = set(duplicates[image].nonzero().flatten().tolist()) if duplicates is not None else set()
+        shared += len(ours_set & reference_set)
+        background += len(reference_set - ours_set - ignored)
+    return {"shared_with_plain_top_k": shared, "plain_top_k_trained_as_background": background,
+            "weight_sum": float(torch.cat([a.weight for a in assignments]).sum()),
+            "plain_top_k_weight_sum": float(torch.cat([a.weight for a in plain]).sum())}
+
+
 def measure(extra: list[str], model: str, batches: int) -> dict:
     """One assignment mode: means per criterion call on pseudo-labeled targets."""
     from sparse_semi_detr_hf.loss import SetCriterion
@@ -42,7 +61,8 @@ def measure(extra: list[str], model: str, batches: int) -> dict:
             weight = torch.cat([a.weight for a in assignments]).float()
             calls.append({"boxes": sum(len(t["boxes"]) for t in targets), "positives": weight.numel(),
                           "normaliser": max(1.0, float(weight.sum())), "class_loss": float(out[0]),
-                          "duplicates": int(duplicates.sum()) if duplicates is not None else 0})
+                          "duplicates": int(duplicates.sum()) if duplicates is not None else 0,
+                          **against_plain_top_k(self, logits, boxes, targets, assignments, duplicates)})
         return out
 
     SetCriterion.one_to_many_losses = recording
@@ -58,7 +78,12 @@ def measure(extra: list[str], model: str, batches: int) -> dict:
             "positives_per_box": sum(c["positives"] for c in calls) / boxes,
             "duplicates_per_box": sum(c["duplicates"] for c in calls) / boxes,
             "normaliser_per_call": sum(c["normaliser"] for c in calls) / max(1, len(calls)),
-            "class_loss_per_call": sum(c["class_loss"] for c in calls) / max(1, len(calls))}
+            "class_loss_per_call": sum(c["class_loss"] for c in calls) / max(1, len(calls)),
+            "shared_with_plain_top_k_per_box": sum(c["shared_with_plain_top_k"] for c in calls) / boxes,
+            "plain_top_k_trained_as_background_per_box":
+                sum(c["plain_top_k_trained_as_background"] for c in calls) / boxes,
+            "soft_weight_per_box": sum(c["weight_sum"] for c in calls) / boxes,
+            "plain_top_k_soft_weight_per_box": sum(c["plain_top_k_weight_sum"] for c in calls) / boxes}
 
 
 def main(argv=None) -> dict:
