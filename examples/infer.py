@@ -1,7 +1,11 @@
 """Run a Sparse Semi-DETR (or any transformers object detector) on image files and save the detections.
 
     python examples/infer.py --model PATH_OR_HUB_ID img1.jpg img2.png --output_dir out --threshold 0.3 \
-        [--trust_remote_code] [--device cpu|cuda] [--batch_size 4] [--top_k 300]
+        [--trust_remote_code] [--device cpu|cuda] [--batch_size 4] [--top_k 300] [--cuda_graphs] [--bf16]
+
+``--cuda_graphs`` replays the forward from CUDA graphs (``sparse_semi_detr_hf.cuda_graphs.CudaGraphDetector``; same
+outputs, one capture per padded batch shape, ~2x faster at batch 1 on an H100 — docs/performance.md); ``--bf16``
+runs under bfloat16 autocast. On CPU both fall back to the plain forward (``--bf16`` still applies).
 
 For every readable input ``<stem>.<ext>`` it writes ``<output_dir>/<stem>.png`` (the image with boxes and labels
 drawn) and ``<output_dir>/<stem>.json`` (``[{"label", "label_id", "score", "box": [x0, y0, x1, y1]}]``, absolute
@@ -42,6 +46,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow code shipped with the checkpoint")
+    parser.add_argument("--cuda_graphs", action="store_true",
+                        help="replay the forward from CUDA graphs (needs sparse_semi_detr_hf; eager on CPU)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
@@ -83,13 +90,22 @@ def batched(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
+def with_cuda_graphs(model, bf16: bool):
+    """``model`` wrapped in ``CudaGraphDetector`` (one CUDA graph per input shape; eager on CPU)."""
+    from sparse_semi_detr_hf.cuda_graphs import CudaGraphDetector
+
+    return CudaGraphDetector(model, autocast_dtype=torch.bfloat16 if bf16 else None)
+
+
 @torch.inference_mode()
-def detect(model, processor, images: list[PIL.Image.Image], threshold: float, top_k: int) -> list[list[dict]]:
+def detect(model, processor, images: list[PIL.Image.Image], threshold: float, top_k: int,
+           bf16: bool = False) -> list[list[dict]]:
     """Batched detection -> per image ``[{"label", "label_id", "score", "box": [x0, y0, x1, y1]}]`` by score."""
     inputs = processor(images=images, return_tensors="pt")
     parameter = next(model.parameters())
     pixel_values = inputs["pixel_values"].to(device=parameter.device, dtype=parameter.dtype)
-    outputs = model(pixel_values=pixel_values, pixel_mask=inputs["pixel_mask"].to(parameter.device))
+    with torch.autocast(parameter.device.type, dtype=torch.bfloat16, enabled=bf16):
+        outputs = model(pixel_values=pixel_values, pixel_mask=inputs["pixel_mask"].to(parameter.device))
     sizes = [(image.height, image.width) for image in images]
     results = processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=sizes, top_k=top_k)
     id2label = model.config.id2label
@@ -151,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_model_and_processor(args.model, device, args.trust_remote_code)
+    if args.cuda_graphs:
+        model = with_cuda_graphs(model, args.bf16)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     failed, total = [], 0
     jobs = list(zip(args.images, output_stems(args.images)))
@@ -164,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 failed.append(path)
         if not loaded:
             continue
-        detections = detect(model, processor, [image for _, _, image in loaded], args.threshold, args.top_k)
+        detections = detect(model, processor, [image for _, _, image in loaded], args.threshold, args.top_k,
+                            args.bf16)
         for (path, stem, image), dets in zip(loaded, detections):
             write_outputs(args.output_dir, stem, image, dets)
             total += len(dets)

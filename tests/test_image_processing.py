@@ -491,3 +491,7 @@ def test_infer_script_writes_outputs_and_skips_unreadable_files(tmp_path):
         assert set(det) == {"label", "label_id", "score", "box"} and det["score"] > 0.2
         assert det["label"] == {0: "cat", 1: "dog", 2: "bird"}[det["label_id"]] and len(det["box"]) == 4
     assert PIL.Image.open(out_dir / "a_1.png").size == (25, 20)
+    graphs_dir = tmp_path / "out_graphs"  # --cuda_graphs on CPU: the eager forward, the same detections
+    argv = ["--model", str(model_dir), str(good), "--output_dir", str(graphs_dir), "--cuda_graphs"]
+    assert _load_infer_module().main(argv + ["--threshold", "0.2", "--device", "cpu"]) == 0
+    assert json.loads((graphs_dir / "a.json").read_text()) == detections
