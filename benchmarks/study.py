@@ -38,13 +38,16 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_ssod.py")
 
-# arm -> flags. "semi_detr" is the cross-view baseline without RPF (the paper's Table 5a first row).
+# arm -> flags. "semi_detr" is the cross-view baseline without RPF (the paper's Table 5a first row). Every method
+# setting an arm depends on is stated: an arm continues the burn-in's saved config, whose values would otherwise win
+# (a burn-in saved with rpf_joint_matching=false once made the RPF arms run the earlier reading of RPF).
+RPF_FLAGS = ["--use_rpf", "true", "--rpf_joint_matching", "true"]
 ARMS = {
     "supervised": ["--supervised_only", "--query_mode", "none", "--use_rpf", "false"],
     "semi_detr": ["--query_mode", "cross_view", "--use_rpf", "false"],
     "qrm_only": ["--query_mode", "refined", "--use_rpf", "false"],
-    "rpf_only": ["--query_mode", "cross_view", "--use_rpf", "true"],
-    "sparse_semi_detr": ["--query_mode", "refined", "--use_rpf", "true"],
+    "rpf_only": ["--query_mode", "cross_view", *RPF_FLAGS],
+    "sparse_semi_detr": ["--query_mode", "refined", *RPF_FLAGS],
 }
 SUPERVISED_FLAGS = ARMS["supervised"]
 EVAL_LINE = re.compile(r"trainer: step (\d+): student AP ([0-9.]+), teacher AP ([0-9.]+)")

@@ -441,3 +441,31 @@ def test_demo_burnin_is_the_default_start_only_for_the_plain_demo():
         assert not args.demo_burnin and args.model_name_or_path != DEMO_BURNIN_DIR, flags
     with pytest.raises(ValueError, match="demo_burnin"):
         parse("--output_dir", "x", "--demo_burnin", "true", "--model_name_or_path", "user/model")
+
+
+def test_method_settings_inherited_from_a_saved_config_are_reported(caplog):
+    """A continued model keeps its saved loss settings unless the command line gives them (a burn-in saved with
+    ``rpf_joint_matching=False`` once made an ablation's RPF arms run the earlier reading): the trainer says so."""
+    import logging
+
+    from sparse_semi_detr_hf.training import trainer as trainer_module
+
+    from sparse_semi_detr_hf import SparseSemiDetrConfig
+
+    saved = SparseSemiDetrConfig(rpf_joint_matching=False, use_rpf=False, rpf_topk=4)
+    assert trainer_module.inherited_method_settings(saved, {"use_rpf": True}) == {"rpf_joint_matching": (False, True)}
+    assert trainer_module.inherited_method_settings(saved, {"use_rpf": True, "rpf_joint_matching": False}) == {}
+    with caplog.at_level(logging.WARNING, logger=trainer_module.__name__):
+        trainer_module._warn_about_inherited_method_settings(saved, {}, "burnin/best_model")
+    assert "rpf_joint_matching=False (default True)" in caplog.text and "use_rpf=False" in caplog.text
+
+
+def test_study_arms_state_the_rpf_reading():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", Path(__file__).resolve().parents[1] / "benchmarks" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    for arm in ("rpf_only", "sparse_semi_detr"):
+        flags = study.ARMS[arm]
+        assert flags[flags.index("--rpf_joint_matching") + 1] == "true"

@@ -234,10 +234,12 @@ def build_detector(args: TrainingArguments, id2label: dict) -> SparseSemiDetrFor
     label2id = {name: index for index, name in id2label.items()}
     kwargs = args.model_config_kwargs()
     if args.model_name_or_path:
-        return SparseSemiDetrForObjectDetection.from_pretrained(
+        detector = SparseSemiDetrForObjectDetection.from_pretrained(
             args.model_name_or_path, id2label=id2label, label2id=label2id, cache_dir=args.cache_dir,
             trust_remote_code=args.trust_remote_code, ignore_mismatched_sizes=args.ignore_mismatched_sizes, **kwargs
         )
+        _warn_about_inherited_method_settings(detector.config, kwargs, args.model_name_or_path)
+        return detector
     config = SparseSemiDetrConfig(id2label=id2label, label2id=label2id, **kwargs)
     detector = SparseSemiDetrForObjectDetection(config)
     if args.pretrained_backbone:
@@ -247,6 +249,29 @@ def build_detector(args: TrainingArguments, id2label: dict) -> SparseSemiDetrFor
                        "(backbone_frozen_stages): they will never train. Use --pretrained_backbone true or "
                        "--backbone_frozen_stages 0.", config.backbone_frozen_stages)
     return detector
+
+
+# Loss / method settings that a continued model takes from its saved config unless given on the command line.
+METHOD_FIELDS = ("use_rpf", "rpf_groups", "rpf_topk", "rpf_jitter", "rpf_duplicate_iou", "rpf_joint_matching",
+                 "rpf_ignore_duplicates", "pseudo_label_threshold", "one_to_many_topk", "box_noise_scale",
+                 "label_noise_ratio", "class_loss_coefficient", "consistency_loss_coefficient")
+
+
+def inherited_method_settings(config, given: dict) -> dict:
+    """``{field: (saved value, package default)}`` for method settings the saved ``config`` holds at a non-default
+    value that the command line (``given``) did not set."""
+    defaults = SparseSemiDetrConfig()
+    return {name: (getattr(config, name), getattr(defaults, name)) for name in METHOD_FIELDS
+            if name not in given and hasattr(config, name) and getattr(config, name) != getattr(defaults, name)}
+
+
+def _warn_about_inherited_method_settings(config, given: dict, source: str) -> None:
+    inherited = inherited_method_settings(config, given)
+    if inherited:
+        logger.warning("Continuing %s with method settings from its saved config that differ from the defaults "
+                       "(give the flag to override): %s", source,
+                       ", ".join(f"{name}={saved!r} (default {default!r})"
+                                 for name, (saved, default) in inherited.items()))
 
 
 def build_optimizer(detector, args: TrainingArguments) -> torch.optim.Optimizer:
