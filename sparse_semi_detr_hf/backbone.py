@@ -38,7 +38,7 @@ class TimmBackbone(nn.Module):
         self.body = self._create(pretrained=False)
         if config.freeze_backbone_batch_norm:
             self.body = freeze_batch_norm_2d(self.body)
-        self.frozen_stages = getattr(config, "backbone_frozen_stages", 0)
+        self.frozen_stages = config.backbone_frozen_stages
         freeze_stages_(self.body, self.frozen_stages, self.model_name)
         self.channels = list(self.body.feature_info.channels())
         self.strides = list(self.body.feature_info.reduction())

@@ -140,8 +140,8 @@ class SetCriterion(nn.Module):
         self.rpf = {"groups": config.rpf_groups, "topk": config.rpf_topk, "jitter": config.rpf_jitter,
                     "alpha": config.one_to_many_alpha, "beta": config.one_to_many_beta}
         self.rpf_joint_matching = config.rpf_joint_matching
-        self.rpf_ignore_duplicates = getattr(config, "rpf_ignore_duplicates", True)
-        self.denoising_padding_is_background = getattr(config, "denoising_padding_is_background", True)
+        self.rpf_ignore_duplicates = config.rpf_ignore_duplicates
+        self.denoising_padding_is_background = config.denoising_padding_is_background
         self.rpf_duplicate_iou = config.rpf_duplicate_iou
 
     @property

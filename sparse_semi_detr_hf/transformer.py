@@ -163,8 +163,8 @@ class Decoder(nn.Module):
         self.query_pos_head = MLP(2 * d, d, d, 2)
         self.norm = nn.LayerNorm(d)
         self.look_forward_twice = config.look_forward_twice
-        self.reference_from_normed = getattr(config, "decoder_reference_from_normed", False)
-        self.eps = getattr(config, "inverse_sigmoid_eps", 1e-3)
+        self.reference_from_normed = config.decoder_reference_from_normed
+        self.eps = config.inverse_sigmoid_eps
         self.num_pos_feats = d // 2
 
     def forward(self, tgt, anchors, memory, memory_state, valid_ratios, attention_mask, box_head):
