@@ -48,8 +48,11 @@ ARMS = {
     "qrm_only": ["--query_mode", "refined", "--use_rpf", "false"],
     "rpf_only": ["--query_mode", "cross_view", *RPF_FLAGS],
     "sparse_semi_detr": ["--query_mode", "refined", *RPF_FLAGS],
+    # RPF's direct baseline: Semi-DETR's plain one-to-many assignment with RPF's k = 4 positives instead of 13.
+    "semi_detr_top4": ["--query_mode", "cross_view", "--use_rpf", "false", "--one_to_many_topk", "4"],
 }
 SUPERVISED_FLAGS = ARMS["supervised"]
+PAPER_ARMS = ("supervised", "semi_detr", "qrm_only", "rpf_only", "sparse_semi_detr")  # the default --arms
 EVAL_LINE = re.compile(r"trainer: step (\d+): student AP ([0-9.]+), teacher AP ([0-9.]+)")
 METRICS = ("AP", "AP50", "AP75", "APs")
 
@@ -301,7 +304,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval_every", type=int, default=None, help="evaluation interval of the arms "
                                                                      "(default steps / 4)")
     parser.add_argument("--labeled_percent", type=float, default=10.0)
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", default=",".join(PAPER_ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--calibration", action="store_true", help="also train the 100 %% label arm")
     parser.add_argument("--stages", default="burnin,arms,table")

@@ -243,6 +243,17 @@ def test_study_passthrough_and_arm_flags():
     assert flags[flags.index("--eval_steps") + 1] == "2" and "out/burnin/best_model" in flags
 
 
+def test_study_rpf_arms_state_their_matching_and_the_top4_baseline_is_opt_in():
+    study = _load("study")
+    args = types.SimpleNamespace(output_dir="out", preset="p", labeled_percent=10.0, steps=8, eval_every=None)
+    for arm in ("rpf_only", "sparse_semi_detr"):  # never the burn-in's saved matching
+        flags = study.arm_flags(args, [], arm, 0)
+        assert flags[flags.index("--rpf_joint_matching") + 1] == "true"
+    top4 = study.arm_flags(args, [], "semi_detr_top4", 0)
+    assert top4[top4.index("--one_to_many_topk") + 1] == "4" and top4[top4.index("--use_rpf") + 1] == "false"
+    assert "semi_detr_top4" in study.ARMS and "semi_detr_top4" not in study.PAPER_ARMS
+
+
 def test_study_runner_reuses_finished_runs_and_never_reports_stale_results(tmp_path, monkeypatch):
     study = _load("study")
     run_dir = tmp_path / "run"
