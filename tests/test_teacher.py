@@ -67,8 +67,8 @@ def test_momentum_without_warmup_is_constant():
 def test_a_trained_teacher_is_not_replaced_by_the_first_student_step(student):
     """Regression: starting the semi-supervised phase from a burn-in model, the warm-up (m = 0.5 at the first
     update) mixed the student's first noisy steps into the teacher and threw the burn-in teacher away (the
-    pseudo-labels per unlabeled image fell from 3.3 to 0.08-0.28 in 250 steps, docs/results.md). Without warm-up
-    every update, the first included, uses m_max."""
+    pseudo-labels per unlabeled image fell from 3.3 to 0.08-0.28 in 250 steps, benchmarks/results/EARLIER_STUDIES.md).
+    Without warm-up every update, the first included, uses m_max."""
     teacher = EMATeacher(student, momentum_max=0.99, warmup=False)
     before = [p.clone() for p in teacher.model.parameters()]
     _perturb(student, 1)
