@@ -61,7 +61,11 @@ def test_hidden_states_attentions_and_gradient_checkpointing():
     labels = random_targets(2, [2, 1], generator=torch.Generator().manual_seed(3))
     plain = _model().train()
     checkpointed = _model().train()
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(checkpointed, "activation_checkpointing_enable"):  # newer transformers: the old name is deprecated
+        checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers 5.17
+        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert getattr(checkpointed, "is_activation_checkpointing", None) or checkpointed.is_gradient_checkpointing
     losses = []
     for model in (plain, checkpointed):
         torch.manual_seed(5)  # the denoising noise
