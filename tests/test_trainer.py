@@ -459,13 +459,3 @@ def test_method_settings_inherited_from_a_saved_config_are_reported(caplog):
         trainer_module._warn_about_inherited_method_settings(saved, {}, "burnin/best_model")
     assert "rpf_joint_matching=False (default True)" in caplog.text and "use_rpf=False" in caplog.text
 
-
-def test_study_arms_state_the_rpf_reading():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("study", Path(__file__).resolve().parents[1] / "benchmarks" / "study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
-    for arm in ("rpf_only", "sparse_semi_detr"):
-        flags = study.ARMS[arm]
-        assert flags[flags.index("--rpf_joint_matching") + 1] == "true"

@@ -62,14 +62,19 @@ PRESETS = {
     ),
 }
 
+# Loss / method settings among them: a continued model takes these from its saved config unless given on the
+# command line, and the trainer warns when a saved value differs from the package default.
+METHOD_FIELDS = (
+    "use_rpf", "rpf_groups", "rpf_topk", "rpf_jitter", "rpf_duplicate_iou", "rpf_joint_matching",
+    "rpf_ignore_duplicates", "pseudo_label_threshold", "one_to_many_topk", "box_noise_scale", "label_noise_ratio",
+    "class_loss_coefficient", "consistency_loss_coefficient",
+)
 # Trainer fields that are SparseSemiDetrConfig fields of the same name.
 MODEL_FIELDS = (
     "backbone", "backbone_frozen_stages", "freeze_backbone_batch_norm", "d_model", "encoder_layers",
-    "decoder_layers", "num_queries", "num_denoising_queries", "num_detections", "query_mode", "use_rpf",
-    "rpf_groups", "rpf_topk", "rpf_jitter", "rpf_duplicate_iou", "rpf_joint_matching", "rpf_ignore_duplicates",
-    "pseudo_label_threshold", "qrm_attention_on", "qrm_use_similarity",
-    "qrm_similarity_threshold", "qrm_reduced_dim", "consistency_loss_coefficient", "one_to_many_topk",
-    "box_noise_scale", "label_noise_ratio", "class_loss_coefficient", "deformable_attention_backend",
+    "decoder_layers", "num_queries", "num_denoising_queries", "num_detections", "query_mode", "qrm_attention_on",
+    "qrm_use_similarity", "qrm_similarity_threshold", "qrm_reduced_dim", "deformable_attention_backend",
+    *METHOD_FIELDS,
 )
 
 QUERY_MODES = ("none", "cross_view", "refined")

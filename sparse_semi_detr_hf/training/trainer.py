@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .. import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection, SparseSemiDetrImageProcessor
-from .arguments import TrainingArguments, parse_synthetic_overrides
+from .arguments import METHOD_FIELDS, TrainingArguments, parse_synthetic_overrides
 from .checkpoints import CheckpointFolder, atomic_write_text, replace_folder
 from .data import (
     LabeledDetectionDataset,
@@ -251,18 +251,12 @@ def build_detector(args: TrainingArguments, id2label: dict) -> SparseSemiDetrFor
     return detector
 
 
-# Loss / method settings that a continued model takes from its saved config unless given on the command line.
-METHOD_FIELDS = ("use_rpf", "rpf_groups", "rpf_topk", "rpf_jitter", "rpf_duplicate_iou", "rpf_joint_matching",
-                 "rpf_ignore_duplicates", "pseudo_label_threshold", "one_to_many_topk", "box_noise_scale",
-                 "label_noise_ratio", "class_loss_coefficient", "consistency_loss_coefficient")
-
-
 def inherited_method_settings(config, given: dict) -> dict:
     """``{field: (saved value, package default)}`` for method settings the saved ``config`` holds at a non-default
     value that the command line (``given``) did not set."""
     defaults = SparseSemiDetrConfig()
     return {name: (getattr(config, name), getattr(defaults, name)) for name in METHOD_FIELDS
-            if name not in given and hasattr(config, name) and getattr(config, name) != getattr(defaults, name)}
+            if name not in given and getattr(config, name) != getattr(defaults, name)}
 
 
 def _warn_about_inherited_method_settings(config, given: dict, source: str) -> None:
