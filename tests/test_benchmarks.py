@@ -330,3 +330,20 @@ def test_study_end_to_end_burnin_arms_and_tables(tmp_path):
     again = study.main(["--output_dir", str(out), "--preset", "synthetic", "--burnin_steps", "2", "--steps", "2",
                         "--seeds", "0", "--arms", "supervised", "--stages", "arms,table", "--", *TINY])
     assert [r["reused"] for r in again["records"]] == [True]
+
+
+def test_coco_subset_keeps_the_named_images_their_boxes_and_the_categories(tmp_path):
+    coco_subset = _load("coco_subset")
+    coco = {"info": {"v": 1}, "categories": [{"id": 7, "name": "cell"}],
+            "images": [{"id": i, "file_name": f"img_{i}.jpg"} for i in (1, 2, 3)],
+            "annotations": [{"id": 10 + i, "image_id": i, "category_id": 7, "bbox": [0, 0, 4, 4]} for i in (1, 2, 2, 3)]}
+    (tmp_path / "all.json").write_text(json.dumps(coco))
+    (tmp_path / "split.txt").write_text("img_3\n\nimg_2\n")
+    coco_subset.main(["--annotations", str(tmp_path / "all.json"), "--stems", str(tmp_path / "split.txt"),
+                      "--output", str(tmp_path / "out" / "split.json")])
+    subset = json.loads((tmp_path / "out" / "split.json").read_text())
+    assert [image["id"] for image in subset["images"]] == [2, 3]
+    assert sorted(a["image_id"] for a in subset["annotations"]) == [2, 2, 3]
+    assert subset["categories"] == coco["categories"] and subset["info"] == coco["info"]
+    with pytest.raises(ValueError, match="name no image"):
+        coco_subset.coco_subset(coco, ["img_1", "img_9"])
