@@ -23,7 +23,7 @@ from .position_encoding import SinePositionEmbedding
 from .query_groups import QueryGroup, build_decoder_attention_mask
 from .query_refinement import CrossViewProjector, QueryRefinementModule
 from .query_selection import QuerySelection
-from .transformer import MLP, Decoder, Encoder
+from .transformer import FOCAL_PRIOR_PROBABILITY, MLP, ClassHead, Decoder, Encoder
 
 
 @dataclass
@@ -177,7 +177,10 @@ class SparseSemiDetrPreTrainedModel(PreTrainedModel):
         parameter-less containers (deformable attention, query selection) are initialized from the
         ``SparseSemiDetrModel`` call, which comes after all of its children.
         """
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, ClassHead):  # here, not below: a head re-made for a new label set is its own module
+            init.xavier_uniform_(module.weight)
+            init.constant_(module.bias, -math.log((1 - FOCAL_PRIOR_PROBABILITY) / FOCAL_PRIOR_PROBABILITY))
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -195,17 +198,16 @@ class SparseSemiDetrPreTrainedModel(PreTrainedModel):
             for sub in module.modules():
                 if isinstance(sub, MultiScaleDeformableAttention):
                     init_deformable_attention_(sub)
-            _init_detection_heads(module.query_selection.class_head, module.query_selection.box_head)
-            _init_detection_heads(module.class_head, module.box_head)
+            _zero_last_box_layer(module.query_selection.box_head)
+            _zero_last_box_layer(module.box_head)
             init.normal_(module.level_embed, mean=0.0, std=1.0)
             # DINO draws tgt_embed from N(0, 1) and then Xavier-initialises every 2-D transformer parameter, so
             # the content queries end Xavier-uniform (std ~0.04 at 900 x 256); the label embedding stays N(0, 1).
             init.xavier_uniform_(module.query_selection.content_queries.weight)
 
 
-def _init_detection_heads(class_head: nn.Linear, box_head: MLP, prior_prob: float = 0.01) -> None:
-    """Class bias at the focal-loss prior; last box layer zero, so initial boxes equal the anchors."""
-    init.constant_(class_head.bias, -math.log((1 - prior_prob) / prior_prob))
+def _zero_last_box_layer(box_head: MLP) -> None:
+    """Last box layer zero, so initial boxes equal the anchors."""
     init.zeros_(box_head.layers[-1].weight)
     init.zeros_(box_head.layers[-1].bias)
 
@@ -248,7 +250,7 @@ class SparseSemiDetrModel(SparseSemiDetrPreTrainedModel):
         self.encoder = Encoder(config)
         self.query_selection = QuerySelection(config)
         self.decoder = Decoder(config)
-        self.class_head = nn.Linear(d, config.num_labels)
+        self.class_head = ClassHead(d, config.num_labels)
         self.box_head = MLP(d, d, 4, 3)
         self.label_embedding = nn.Embedding(config.num_labels + 1, d)
         self.query_module = _build_query_module(config)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .transformer import MLP
+from .transformer import MLP, ClassHead
 
 
 def encoder_output_proposals(
@@ -70,7 +70,7 @@ class QuerySelection(nn.Module):
         self.num_queries = config.num_queries
         self.output_proj = nn.Linear(d, d)
         self.output_norm = nn.LayerNorm(d)
-        self.class_head = nn.Linear(d, config.num_labels)
+        self.class_head = ClassHead(d, config.num_labels)
         self.box_head = MLP(d, d, 4, 3)
         self.content_queries = nn.Embedding(config.num_queries, d)
 

@@ -15,6 +15,20 @@ from .deformable_attention import MultiScaleDeformableAttention
 from .position_encoding import anchor_sine_embedding
 
 
+FOCAL_PRIOR_PROBABILITY = 0.01
+"""Initial sigmoid score of every class (focal-loss prior, RetinaNet / DINO): the class bias starts at
+``-log((1 - p) / p)`` so that the background-dominated focal loss starts small."""
+
+
+class ClassHead(nn.Linear):
+    """``(..., D) -> (..., C)`` class logits of the sigmoid (focal-loss) classifier.
+
+    A type of its own so that weight initialisation (``_init_weights``) gives its bias the focal prior wherever the
+    head is (re)initialized: in a fresh model and when ``from_pretrained(..., num_labels=N,
+    ignore_mismatched_sizes=True)`` replaces it for a new label set. State-dict keys are those of ``nn.Linear``.
+    """
+
+
 class MLP(nn.Module):
     """``num_layers`` linear layers with ReLU in between (DETR's box head)."""
 

@@ -1,6 +1,7 @@
 """Auto classes, remote code in a process that cannot import the package, and the object-detection pipeline."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -53,8 +54,11 @@ REMOTE_SCRIPT = textwrap.dedent(
     inputs = torch.load(inputs_path)
     with torch.no_grad():
         logits = model(**inputs).logits
+    relabeled = AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True, num_labels=5,
+                                                            ignore_mismatched_sizes=True)
+    biases = [relabeled.model.class_head.bias, relabeled.model.query_selection.class_head.bias]
     torch.save({"logits": logits, "processor": type(processor).__name__,
-                "pil_processor": type(pil_processor).__name__}, out_path)
+                "pil_processor": type(pil_processor).__name__, "relabeled_biases": biases}, out_path)
     """
 )
 
@@ -80,6 +84,9 @@ def test_remote_code_in_clean_process_gives_identical_logits(tmp_path):
     assert out["processor"] == "SparseSemiDetrImageProcessor"
     assert out["pil_processor"] == "SparseSemiDetrImageProcessorPil"
     torch.testing.assert_close(out["logits"], expected, atol=0, rtol=0)
+    prior = -math.log(99)  # heads re-made for a new label set start at the focal prior, as in a fresh model
+    for bias in out["relabeled_biases"]:
+        torch.testing.assert_close(bias.detach(), torch.full((5,), prior))
 
 
 def test_object_detection_pipeline_returns_detections(tmp_path):
