@@ -81,14 +81,16 @@ class SparseSemiDetrModelOutput(ModelOutput):
     """Outputs of ``SparseSemiDetrModel.forward``.
 
     Args:
+        Every tensor is batch-first (``B`` leading, as transformers' pipelines and ``Trainer`` slice outputs).
+
         last_hidden_state: ``(B, K, D)`` final decoder states of the matching queries.
-        intermediate_hidden_states: ``(num_layers, B, K, D)``.
-        intermediate_logits / intermediate_boxes: ``(num_layers, B, K, C)`` / ``(num_layers, B, K, 4)`` cxcywh.
+        intermediate_hidden_states: ``(B, num_layers, K, D)``.
+        intermediate_logits / intermediate_boxes: ``(B, num_layers, K, C)`` / ``(B, num_layers, K, 4)`` cxcywh.
         encoder_last_hidden_state: ``(B, S, D)``; encoder_hidden_states: with ``output_hidden_states``, the encoder's
             input and every layer's output, ``(B, S, D)`` each.
         enc_outputs_class / enc_outputs_coord: ``(B, K, C)`` / ``(B, K, 4)`` selected encoder proposals.
         init_reference_points: ``(B, K, 4)`` detached initial anchors.
-        dn_logits / dn_boxes: ``(num_layers, B, Ndn, C | 4)`` denoising outputs.
+        dn_logits / dn_boxes: ``(B, num_layers, Ndn, C | 4)`` denoising outputs.
 
     Attributes that are not output fields (internal state, not in ``to_tuple()``):
         denoising_meta: the ``DenoisingMeta`` layout of the denoising outputs (or None).
@@ -123,9 +125,12 @@ class SparseSemiDetrObjectDetectionOutput(ModelOutput):
         loss_dict: every unweighted loss term once (keys in docs/architecture.md).
         logits: ``(B, K, C)`` final-layer class logits (sigmoid scores, no background class).
         pred_boxes: ``(B, K, 4)`` cxcywh normalized to the unpadded image.
-        auxiliary_outputs: ``[{"logits", "pred_boxes"}]`` of the earlier decoder layers.
-        decoder_hidden_states: ``(num_layers, B, K, D)`` normed decoder states of the matching queries.
-        Other fields: as in ``SparseSemiDetrModelOutput``.
+        auxiliary_outputs: ``[{"logits", "pred_boxes"}]`` of the earlier decoder layers (only with ``labels``, as
+            in transformers' DETR models; ``intermediate_logits`` / ``intermediate_boxes`` always hold every layer).
+        intermediate_hidden_states: ``(B, num_layers, K, D)`` normed decoder states of the matching queries.
+        decoder_hidden_states: with ``output_hidden_states``, the same per layer: a tuple of ``num_layers``
+            ``(B, K, D)`` tensors.
+        Other fields: as in ``SparseSemiDetrModelOutput`` (batch-first).
     """
 
     loss: Tensor | None = None
@@ -134,7 +139,8 @@ class SparseSemiDetrObjectDetectionOutput(ModelOutput):
     pred_boxes: Tensor | None = None
     auxiliary_outputs: list | None = None
     last_hidden_state: Tensor | None = None
-    decoder_hidden_states: Tensor | None = None
+    intermediate_hidden_states: Tensor | None = None
+    decoder_hidden_states: tuple | None = None
     intermediate_logits: Tensor | None = None
     intermediate_boxes: Tensor | None = None
     encoder_last_hidden_state: Tensor | None = None
@@ -335,9 +341,7 @@ class SparseSemiDetrModel(SparseSemiDetrPreTrainedModel):
         _refuse_attentions(self.config, output_attentions)
         state = self.encode(pixel_values, pixel_mask, _flag(self.config, "output_hidden_states", output_hidden_states))
         decoded = self.decode(state, labels if self.training else None, extra_query_groups)
-        output = _model_output(
-            SparseSemiDetrModelOutput, state, decoded, intermediate_hidden_states=decoded.hidden_states
-        )
+        output = _model_output(SparseSemiDetrModelOutput, state, decoded)
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
 
@@ -373,20 +377,26 @@ def _split_decoder_outputs(hidden, logits, boxes, groups, dn_meta) -> DecoderSta
 def _model_output(output_class, state: EncoderState, decoded: DecoderState, **extra):
     output = output_class(
         last_hidden_state=decoded.hidden_states[-1],
-        intermediate_logits=decoded.logits,
-        intermediate_boxes=decoded.boxes,
+        intermediate_hidden_states=_batch_first(decoded.hidden_states),
+        intermediate_logits=_batch_first(decoded.logits),
+        intermediate_boxes=_batch_first(decoded.boxes),
         encoder_last_hidden_state=state.memory,
         encoder_hidden_states=getattr(state, "hidden_states", None),
         enc_outputs_class=state.enc_logits,
         enc_outputs_coord=state.enc_boxes,
         init_reference_points=state.anchors,
-        dn_logits=decoded.dn_logits,
-        dn_boxes=decoded.dn_boxes,
+        dn_logits=_batch_first(decoded.dn_logits),
+        dn_boxes=_batch_first(decoded.dn_boxes),
         **extra,
     )
     output.denoising_meta, output.extra_group_outputs = decoded.dn_meta, decoded.groups or None
     output.encoder_state = state
     return output
+
+
+def _batch_first(layers: Tensor | None) -> Tensor | None:
+    """``(num_layers, B, ...)`` -> a ``(B, num_layers, ...)`` view."""
+    return None if layers is None else layers.transpose(0, 1)
 
 
 class SparseSemiDetrForObjectDetection(SparseSemiDetrPreTrainedModel):
@@ -429,7 +439,8 @@ class SparseSemiDetrForObjectDetection(SparseSemiDetrPreTrainedModel):
             use_rpf: Reliable Pseudo-Label Filtering in the loss (targets must carry ``scores``).
             denoising: add denoising queries from ``labels``; default: in training mode.
             output_hidden_states: also return ``encoder_hidden_states`` (the encoder's input and every layer's
-                output, ``(B, S, D)`` each; ``decoder_hidden_states`` are always returned).
+                output, ``(B, S, D)`` each) and ``decoder_hidden_states`` (every decoder layer's ``(B, K, D)``;
+                ``intermediate_hidden_states`` always holds them stacked).
             output_attentions: not supported (deformable attention samples points, it has no attention matrix).
         """
         _refuse_attentions(self.config, output_attentions)
@@ -453,14 +464,14 @@ class SparseSemiDetrForObjectDetection(SparseSemiDetrPreTrainedModel):
                 # No denoising query this step (no target): keep the label embedding in the graph so every DDP
                 # rank reduces the same parameters.
                 loss = loss + 0.0 * self.model.label_embedding.weight.sum()
-        auxiliary = [
+        auxiliary = None if labels is None else [
             {"logits": logits, "pred_boxes": boxes}
             for logits, boxes in zip(decoded.logits[:-1], decoded.boxes[:-1])
         ]
         output = _model_output(
             SparseSemiDetrObjectDetectionOutput, state, decoded, loss=loss, loss_dict=loss_dict,
             logits=decoded.logits[-1], pred_boxes=decoded.boxes[-1], auxiliary_outputs=auxiliary,
-            decoder_hidden_states=decoded.hidden_states,
+            decoder_hidden_states=tuple(decoded.hidden_states) if with_hidden else None,
         )
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
 

@@ -54,7 +54,7 @@ def test_whole_eval_forward_is_one_graph():
     with torch.no_grad():
         expected = model(pixel_values, pixel_mask)
         out = torch.compile(model, backend="eager", fullgraph=True)(pixel_values, pixel_mask)
-    for name in ("logits", "pred_boxes", "enc_outputs_class", "enc_outputs_coord", "decoder_hidden_states"):
+    for name in ("logits", "pred_boxes", "enc_outputs_class", "enc_outputs_coord", "intermediate_hidden_states"):
         torch.testing.assert_close(out[name], expected[name], **TOL)
 
 

@@ -26,8 +26,8 @@ def make_inputs(device="cpu", batch=2, height=64, width=96, seed=0):
 def assert_same_detections(actual, expected, atol):
     torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=atol)
     torch.testing.assert_close(actual.pred_boxes, expected.pred_boxes, rtol=0, atol=atol)
-    for got, want in zip(actual.auxiliary_outputs, expected.auxiliary_outputs, strict=True):
-        torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=atol)
+    torch.testing.assert_close(actual.intermediate_logits, expected.intermediate_logits, rtol=0, atol=atol)
+    torch.testing.assert_close(actual.intermediate_boxes, expected.intermediate_boxes, rtol=0, atol=atol)
 
 
 def test_cpu_falls_back_to_the_eager_forward():
@@ -61,7 +61,8 @@ def test_clone_tensors_copies_every_tensor_of_a_model_output():
     copied = clone_tensors(output)
     assert type(copied) is type(output) and list(copied.keys()) == list(output.keys())
     assert copied.logits.data_ptr() != output.logits.data_ptr()
-    assert copied.auxiliary_outputs[0]["pred_boxes"].data_ptr() != output.auxiliary_outputs[0]["pred_boxes"].data_ptr()
+    assert copied.intermediate_boxes.data_ptr() != output.intermediate_boxes.data_ptr()
+    assert copied.intermediate_boxes.stride() == output.intermediate_boxes.stride()  # a batch-first view stays one
     torch.testing.assert_close(copied.pred_boxes, output.pred_boxes, rtol=0, atol=0)
 
 

@@ -145,8 +145,8 @@ def test_encoder_proposals_and_every_decoder_layer_match_dino(fixture):
     assert_close(out.enc_outputs_class, expected["enc_logits"], "encoder proposal logits")
     assert_close(out.enc_outputs_coord, expected["enc_boxes"], "encoder proposal boxes")
     for layer in range(expected["decoder_logits"].shape[0]):
-        assert_close(out.intermediate_logits[layer], expected["decoder_logits"][layer], f"decoder {layer} logits")
-        assert_close(out.intermediate_boxes[layer], expected["decoder_boxes"][layer], f"decoder {layer} boxes")
+        assert_close(out.intermediate_logits[:, layer], expected["decoder_logits"][layer], f"decoder {layer} logits")
+        assert_close(out.intermediate_boxes[:, layer], expected["decoder_boxes"][layer], f"decoder {layer} boxes")
 
 
 def test_post_processed_detections_match_dino(fixture):
@@ -165,11 +165,11 @@ def test_reference_from_normed_output_breaks_parity(fixture):
     """The parity test can fail: the pre-fix reference rule (box head on the normed output) moves layers >= 1."""
     expected = fixture["eval"]
     out = eval_outputs(converted_model(fixture, decoder_reference_from_normed=True), fixture)
-    assert_close(out.intermediate_boxes[0], expected["decoder_boxes"][0], "decoder 0 boxes")  # layer 0 unaffected
-    diff = (out.intermediate_boxes[1:] - expected["decoder_boxes"][1:]).abs().max().item()
+    assert_close(out.intermediate_boxes[:, 0], expected["decoder_boxes"][0], "decoder 0 boxes")  # layer 0 unaffected
+    diff = (out.intermediate_boxes[:, 1:] - expected["decoder_boxes"][1:].transpose(0, 1)).abs().max().item()
     assert diff > 10 * ATOL, diff  # 4e-3 on this fixture: 40x the parity tolerance
     with pytest.raises(AssertionError):
-        assert_close(out.intermediate_boxes[-1], expected["decoder_boxes"][-1], "decoder last boxes")
+        assert_close(out.intermediate_boxes[:, -1], expected["decoder_boxes"][-1], "decoder last boxes")
 
 
 def test_training_losses_with_denoising_match_dino(fixture):
@@ -180,10 +180,10 @@ def test_training_losses_with_denoising_match_dino(fixture):
     assert 2 * meta.num_groups * meta.pad_size == expected["dn_pad_size"]
     assert meta.num_groups == expected["dn_num_groups"]
     for layer in range(expected["decoder_logits"].shape[0]):
-        assert_close(out.intermediate_logits[layer], expected["decoder_logits"][layer], f"train decoder {layer} logits")
-        assert_close(out.intermediate_boxes[layer], expected["decoder_boxes"][layer], f"train decoder {layer} boxes")
-        assert_close(out.dn_logits[layer], expected["dn_logits"][layer], f"denoising {layer} logits")
-        assert_close(out.dn_boxes[layer], expected["dn_boxes"][layer], f"denoising {layer} boxes")
+        assert_close(out.intermediate_logits[:, layer], expected["decoder_logits"][layer], f"train decoder {layer} logits")
+        assert_close(out.intermediate_boxes[:, layer], expected["decoder_boxes"][layer], f"train decoder {layer} boxes")
+        assert_close(out.dn_logits[:, layer], expected["dn_logits"][layer], f"denoising {layer} logits")
+        assert_close(out.dn_boxes[:, layer], expected["dn_boxes"][layer], f"denoising {layer} boxes")
     errors = compare_losses(out.loss_dict, expected["losses"])
     assert len(errors) == 3 * (2 * 3 + 1)  # (matching + denoising) x 3 layers + encoder
     assert max(errors.values()) <= LOSS_RTOL, {k: v for k, v in errors.items() if v > LOSS_RTOL}
@@ -197,9 +197,9 @@ def test_padded_denoising_groups_outputs_match_dino(fixture):
     expected = fixture["train"]["targets_padded"]
     out = train_outputs(converted_model(fixture), fixture, "targets_padded")
     for layer in range(expected["decoder_logits"].shape[0]):
-        assert_close(out.intermediate_boxes[layer], expected["decoder_boxes"][layer], f"train decoder {layer} boxes")
-        assert_close(out.dn_logits[layer], expected["dn_logits"][layer], f"denoising {layer} logits")
-        assert_close(out.dn_boxes[layer], expected["dn_boxes"][layer], f"denoising {layer} boxes")
+        assert_close(out.intermediate_boxes[:, layer], expected["decoder_boxes"][layer], f"train decoder {layer} boxes")
+        assert_close(out.dn_logits[:, layer], expected["dn_logits"][layer], f"denoising {layer} logits")
+        assert_close(out.dn_boxes[:, layer], expected["dn_boxes"][layer], f"denoising {layer} boxes")
     errors = compare_losses(out.loss_dict, expected["losses"], only=lambda key: "_ce_dn" not in key)
     assert max(errors.values()) <= LOSS_RTOL, {k: v for k, v in errors.items() if v > LOSS_RTOL}
 
@@ -244,8 +244,8 @@ def test_cli_converts_a_dino_checkpoint(fixture, tmp_path):
 
     model = inject_features(AutoModelForObjectDetection.from_pretrained(folder), fixture)
     out = eval_outputs(model, fixture)
-    assert_close(out.intermediate_boxes, fixture["eval"]["decoder_boxes"], "CLI model boxes")
-    assert_close(out.intermediate_logits, fixture["eval"]["decoder_logits"], "CLI model logits")
+    assert_close(out.intermediate_boxes, fixture["eval"]["decoder_boxes"].transpose(0, 1), "CLI model boxes")
+    assert_close(out.intermediate_logits, fixture["eval"]["decoder_logits"].transpose(0, 1), "CLI model logits")
 
     detector = pipeline("object-detection", model=str(folder))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))

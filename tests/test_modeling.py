@@ -31,7 +31,9 @@ def test_output_shapes_and_weighted_loss():
     assert out.logits.shape == (2, config.num_queries, config.num_labels)
     assert out.pred_boxes.shape == (2, config.num_queries, 4)
     assert len(out.auxiliary_outputs) == config.decoder_layers - 1
-    assert out.decoder_hidden_states.shape == (config.decoder_layers, 2, config.num_queries, config.d_model)
+    assert out.intermediate_hidden_states.shape == (2, config.decoder_layers, config.num_queries, config.d_model)
+    assert out.intermediate_logits.shape == (2, config.decoder_layers, config.num_queries, config.num_labels)
+    assert out.decoder_hidden_states is None  # only with output_hidden_states
     assert out.enc_outputs_class.shape == (2, config.num_queries, config.num_labels)
     assert out.denoising_meta.pad_size == 3
     assert out.dn_logits.shape[2] == out.denoising_meta.num_queries
@@ -249,8 +251,7 @@ def test_decoder_reference_rule_old_models_keep_theirs():
         torch.nn.init.normal_(model.model.box_head.layers[-1].weight, 0.0, 0.1)
         with torch.no_grad():
             outputs[flag] = model(pixel_values=torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
-    torch.testing.assert_close(outputs[False].auxiliary_outputs[0]["pred_boxes"],
-                               outputs[True].auxiliary_outputs[0]["pred_boxes"])
+    torch.testing.assert_close(outputs[False].intermediate_boxes[:, 0], outputs[True].intermediate_boxes[:, 0])
     assert not torch.allclose(outputs[False].pred_boxes, outputs[True].pred_boxes)
     from sparse_semi_detr_hf.training.arguments import DEMO_BURNIN_DIR
     demo = SparseSemiDetrConfig.from_pretrained(DEMO_BURNIN_DIR)

@@ -48,6 +48,32 @@ def test_outputs_hold_tensors_only_and_return_dict_follows_the_config():
     assert isinstance(as_tuple, tuple) and tensors_only(as_tuple)
 
 
+def test_every_eval_output_is_batch_first():
+    """transformers' pipelines (``batch_size=N``) and ``Trainer`` slice every output field on dim 0 as the batch.
+    Bug fixed: per-layer outputs were ``(num_layers, B, ...)`` and ``auxiliary_outputs`` a list of
+    ``num_layers - 1`` dicts, so ``pipeline(..., batch_size=N)`` failed with an IndexError once N >= num_layers."""
+    model = _model().eval()
+    pixel_values, pixel_mask = _inputs(batch=3)
+    with torch.no_grad():
+        out = model(pixel_values, pixel_mask)
+    assert out.auxiliary_outputs is None and out.loss is None  # as transformers' DETR models: with labels only
+    for key, value in out.items():
+        assert isinstance(value, torch.Tensor) and value.shape[0] == 3, key
+    layers = model.config.decoder_layers
+    torch.testing.assert_close(out.intermediate_logits[:, -1], out.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out.intermediate_boxes[:, -1], out.pred_boxes, rtol=0, atol=0)
+    torch.testing.assert_close(out.intermediate_hidden_states[:, -1], out.last_hidden_state, rtol=0, atol=0)
+    with torch.no_grad():
+        hidden = model(pixel_values, pixel_mask, output_hidden_states=True).decoder_hidden_states
+    assert len(hidden) == layers
+    for layer, state in enumerate(hidden):
+        torch.testing.assert_close(state, out.intermediate_hidden_states[:, layer], rtol=0, atol=0)
+    with torch.no_grad():
+        trained = model(pixel_values, pixel_mask, labels=random_targets(3, [2, 1, 0]))
+    assert len(trained.auxiliary_outputs) == layers - 1
+    torch.testing.assert_close(trained.auxiliary_outputs[0]["logits"], out.intermediate_logits[:, 0])
+
+
 def test_hidden_states_attentions_and_gradient_checkpointing():
     model = _model().eval()
     pixel_values, pixel_mask = _inputs()

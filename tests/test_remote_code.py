@@ -99,3 +99,18 @@ def test_object_detection_pipeline_returns_detections(tmp_path):
     assert set(first) == {"score", "label", "box"}
     assert first["label"] in {"cat", "dog", "bird"}
     assert 0 <= first["box"]["xmin"] <= first["box"]["xmax"] <= 80
+
+
+def test_pipeline_batches_more_images_than_decoder_layers(tmp_path):
+    """Bug fixed: ``batch_size`` above ``decoder_layers - 1`` raised ``IndexError`` (the pipeline slices every output
+    field as the batch). Batched detections equal one-by-one detections."""
+    save_tiny_model(tmp_path)
+    detector = pipeline("object-detection", model=str(tmp_path), device="cpu")
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)) for _ in range(5)]
+    batched = detector(images, threshold=0.0, batch_size=4)
+    single = [detector(image, threshold=0.0) for image in images]
+    assert len(batched) == 5
+    for got, want in zip(batched, single):
+        assert [d["label"] for d in got] == [d["label"] for d in want]
+        np.testing.assert_allclose([d["score"] for d in got], [d["score"] for d in want], atol=1e-5)
