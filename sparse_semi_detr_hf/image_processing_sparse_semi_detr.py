@@ -23,6 +23,7 @@ Pass ``pixel_mask`` to the model: without it the padding counts as image, and bo
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 from torchvision.transforms.v2 import functional as tvF
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import load_image
 from transformers.processing_utils import ImagesKwargs
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
@@ -216,15 +218,30 @@ def to_rgb_pil(image: PIL.Image.Image, exif_transpose: bool = True) -> PIL.Image
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def open_image(source: str | os.PathLike) -> PIL.Image.Image:
+    """A local image file (decoded now, mode as stored) or an ``http(s)://`` URL (transformers' ``load_image``)."""
+    text = os.fspath(source)
+    if text.startswith(("http://", "https://")):
+        return load_image(text)
+    if not os.path.isfile(text):
+        raise FileNotFoundError(f"no image file at {text!r}")
+    with PIL.Image.open(text) as image:
+        image.load()
+        return image
+
+
 def _to_rgb_tensor(image: Any, do_exif_transpose: bool, input_data_format: str | None) -> Tensor:
-    """PIL / numpy / torch image -> ``(3, H, W)`` tensor, dtype as given (uint8 stays uint8)."""
+    """PIL / numpy / torch image, or a path or URL of one -> ``(3, H, W)`` tensor, dtype as given (uint8 stays
+    uint8)."""
+    if isinstance(image, (str, os.PathLike)):
+        image = open_image(image)
     if isinstance(image, PIL.Image.Image):
         return tvF.pil_to_tensor(to_rgb_pil(image, do_exif_transpose))
     if isinstance(image, np.ndarray):
         return _array_to_rgb_tensor(torch.from_numpy(np.ascontiguousarray(image)), False, input_data_format)
     if isinstance(image, Tensor):
         return _array_to_rgb_tensor(image, True, input_data_format)
-    raise TypeError(f"expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
+    raise TypeError(f"expected a PIL image, a numpy array, a torch tensor or a file path, got {type(image).__name__}")
 
 
 def _to_image_list(images: Any) -> list:
@@ -668,9 +685,13 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
                 each other; ``None`` there, the one-to-one default: no NMS); ``1.0`` switches NMS off.
 
         Returns:
-            One dict per image: ``scores (k,)``, ``labels (k,)`` long, ``boxes (k, 4)`` xyxy.
+            One dict per image: ``scores (k,)``, ``labels (k,)`` long, ``boxes (k, 4)`` xyxy; scores and boxes in
+            float32 (float64 stays float64) whatever the model's dtype.
         """
         logits, pred_boxes = _get_output(outputs, "logits"), _get_output(outputs, "pred_boxes")
+        # at least float32: bfloat16 keeps 8 significant bits, i.e. pixel coordinates above 1024 in steps of 8
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        pred_boxes = pred_boxes.to(torch.promote_types(pred_boxes.dtype, torch.float32))
         batch_size, num_queries, num_classes = logits.shape
         if target_sizes is not None and len(target_sizes) != batch_size:
             raise ValueError(f"got {len(target_sizes)} target sizes for a batch of {batch_size}")

@@ -176,7 +176,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="channel"):
         processor(np.zeros((8, 8, 5), dtype=np.uint8))
     with pytest.raises(TypeError):
-        processor("not_an_image.png")
+        processor(42)  # paths are images now (test_file_paths_are_images_too)
     with pytest.raises(ValueError, match="annotation"):
         processor([random_uint8(8, 8)] * 2, annotations=[coco(1)])
 
@@ -359,6 +359,21 @@ def test_post_process_target_sizes_tensor_and_list():
         processor.post_process_object_detection(outputs, 0.3, [(100, 200)])
 
 
+def test_post_process_bfloat16_outputs_in_float32():
+    """Bug fixed: a bf16 model's boxes were scaled in bf16 (8 significant bits), so pixel coordinates above 1024 came
+    out in steps of 8 (920 -> 928 measured through the pipeline). Now: the same detections as the float32 values."""
+    outputs = random_outputs(queries=30, classes=3, seed=4)
+    low = DetectionOutput(logits=outputs.logits.bfloat16(), pred_boxes=outputs.pred_boxes.bfloat16())
+    exact = DetectionOutput(logits=low.logits.float(), pred_boxes=low.pred_boxes.float())
+    processor = SparseSemiDetrImageProcessor()
+    sizes = [(1333, 2000), (800, 1333)]
+    for got, want in zip(processor.post_process_object_detection(low, 0.3, sizes),
+                         processor.post_process_object_detection(exact, 0.3, sizes)):
+        assert got["boxes"].dtype == got["scores"].dtype == torch.float32
+        assert_close(got["boxes"], want["boxes"], rtol=0, atol=0)
+        assert_close(got["scores"], want["scores"], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("top_k", [10, 50, 500])
 def test_post_process_matches_deformable_detr(top_k):
     outputs = random_outputs(batch=3, queries=30, classes=7, seed=top_k)
@@ -495,3 +510,16 @@ def test_infer_script_writes_outputs_and_skips_unreadable_files(tmp_path):
     argv = ["--model", str(model_dir), str(good), "--output_dir", str(graphs_dir), "--cuda_graphs"]
     assert _load_infer_module().main(argv + ["--threshold", "0.2", "--device", "cpu"]) == 0
     assert json.loads((graphs_dir / "a.json").read_text()) == detections
+
+
+def test_file_paths_are_images_too(tmp_path):
+    """As transformers' image processors: a path (str or PathLike) is opened like the PIL image it holds."""
+    array = np.random.default_rng(3).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    path = tmp_path / "image.png"
+    PIL.Image.fromarray(array).save(path)
+    processor = SparseSemiDetrImageProcessor(size={"shortest_edge": 32, "longest_edge": 64})
+    expected = processor(images=PIL.Image.fromarray(array), return_tensors="pt")["pixel_values"]
+    for given in (str(path), path, [path]):
+        assert_close(processor(images=given, return_tensors="pt")["pixel_values"], expected, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="no image file"):
+        processor(images=str(tmp_path / "missing.png"))
