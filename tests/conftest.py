@@ -61,3 +61,24 @@ def random_targets(batch_size: int, counts: list[int], num_labels: int = 3, gene
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_export(tmp_path_factory) -> dict:
+    """``examples/export_onnx.py`` run once on ``test_remote_code.save_tiny_model``'s model (with its ONNX Runtime
+    check): ``{"model_dir", "onnx_dir", "report", "script"}``. Skips without the ``[onnx]`` extra."""
+    pytest.importorskip("onnxscript", reason="ONNX export needs the [onnx] extra (in [dev])")
+    pytest.importorskip("onnxruntime", reason="the ONNX check needs the [onnx] extra (in [dev])")
+    import importlib.util
+    from pathlib import Path
+
+    from test_remote_code import save_tiny_model
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "export_onnx.py"
+    spec = importlib.util.spec_from_file_location("export_onnx", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder = tmp_path_factory.mktemp("onnx_export")
+    save_tiny_model(folder / "model")
+    report = script.main(["--model", str(folder / "model"), "--output_dir", str(folder / "onnx")])
+    return {"model_dir": folder / "model", "onnx_dir": folder / "onnx", "report": report, "script": script}

@@ -1,36 +1,24 @@
 """ONNX export (examples/export_onnx.py): dynamic batch and image size, ONNX Runtime equals PyTorch, and the export
-folder pre- and post-processes through AutoImageProcessor without the package."""
-
-import importlib.util
-from pathlib import Path
+folder pre- and post-processes through AutoImageProcessor without the package. The export runs once per session
+(``conftest.tiny_onnx_export``; README's ONNX block uses it too)."""
 
 import numpy as np
 import pytest
 import torch
-from test_remote_code import save_tiny_model
 from transformers import AutoImageProcessor
 
-pytest.importorskip("onnxscript", reason="ONNX export needs the [onnx] extra (in [dev])")
-onnxruntime = pytest.importorskip("onnxruntime", reason="the check needs the [onnx] extra (in [dev])")
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "export_onnx.py"
+from sparse_semi_detr_hf import SparseSemiDetrForObjectDetection
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("export_onnx", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_onnx_export_matches_pytorch_at_other_sizes_and_batches(tiny_onnx_export):
+    import onnxruntime
 
-
-def test_onnx_export_matches_pytorch_at_other_sizes_and_batches(tmp_path):
-    export_onnx = _script()
-    model, _ = save_tiny_model(tmp_path / "model")
-    report = export_onnx.main(["--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "onnx")])
+    report = tiny_onnx_export["report"]
     assert max(report["max_abs_difference"].values()) <= 1e-4  # batch 1 and a padded batch of 2, new sizes
+    model = SparseSemiDetrForObjectDetection.from_pretrained(tiny_onnx_export["model_dir"]).eval()
 
     # the export folder serves users without the package: processor in, ONNX Runtime, post-processing out
-    processor = AutoImageProcessor.from_pretrained(tmp_path / "onnx", trust_remote_code=True)
+    processor = AutoImageProcessor.from_pretrained(tiny_onnx_export["onnx_dir"], trust_remote_code=True)
     image = np.random.default_rng(5).integers(0, 256, (90, 150, 3), dtype=np.uint8)
     inputs = processor(images=image, size={"height": 150, "width": 250}, return_tensors="np")
     session = onnxruntime.InferenceSession(report["onnx"], providers=["CPUExecutionProvider"])
@@ -47,4 +35,4 @@ def test_onnx_export_matches_pytorch_at_other_sizes_and_batches(tmp_path):
     with torch.no_grad():  # the check fails when the graph and the model disagree
         model.model.class_head.bias.add_(0.1)
     with pytest.raises(AssertionError, match="differ"):
-        export_onnx.check(model, processor, report["onnx"], atol=1e-4)
+        tiny_onnx_export["script"].check(model, processor, report["onnx"], atol=1e-4)
