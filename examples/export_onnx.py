@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -70,8 +71,10 @@ def export(model: nn.Module, processor, path: str, optimize: bool = False) -> No
     sample = random_inputs(processor, [(side, side + 64), (side + 32, side)], seed=0)
     head = DetectionHead(model).eval()
     args = tuple(torch.from_numpy(sample[name]) for name in INPUT_NAMES)
-    program = torch.onnx.export(head, args, dynamo=True, optimize=optimize, dynamic_shapes=dynamic_shapes(model),
-                                input_names=INPUT_NAMES, output_names=OUTPUT_NAMES)
+    with warnings.catch_warnings():  # "The axis name: batch will not be used, since it shares ... with another axis"
+        warnings.filterwarnings("ignore", message="# The axis name")
+        program = torch.onnx.export(head, args, dynamo=True, optimize=optimize, dynamic_shapes=dynamic_shapes(model),
+                                    input_names=INPUT_NAMES, output_names=OUTPUT_NAMES)
     program.save(path)
 
 
