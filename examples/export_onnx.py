@@ -44,10 +44,15 @@ class DetectionHead(nn.Module):
         return outputs.logits, outputs.pred_boxes
 
 
+def coarsest_stride(model: nn.Module) -> int:
+    """Stride of the lowest-resolution feature level (64 px by default): image sides are chosen relative to it."""
+    return int(model.model.strides[-1])
+
+
 def dynamic_shapes(model: nn.Module) -> dict:
     """Batch, height and width dynamic; a side must exceed the coarsest stride (a feature level of size 1 is a
     special case ``torch.export`` would otherwise bake in)."""
-    min_side = int(model.model.strides[-1]) + 1
+    min_side = coarsest_stride(model) + 1
     batch = torch.export.Dim("batch", min=1, max=1024)
     height = torch.export.Dim("height", min=min_side, max=8192)
     width = torch.export.Dim("width", min=min_side, max=8192)
@@ -67,7 +72,7 @@ def random_inputs(processor, sizes: list[tuple[int, int]], seed: int) -> dict[st
 
 def export(model: nn.Module, processor, path: str, optimize: bool = False) -> None:
     """``torch.onnx.export`` of ``DetectionHead(model)`` with dynamic batch, height and width."""
-    side = 4 * int(model.model.strides[-1])  # sample sizes: not 0 or 1 anywhere (special cases for torch.export)
+    side = 4 * coarsest_stride(model)  # sample sizes: not 0 or 1 anywhere (special cases for torch.export)
     sample = random_inputs(processor, [(side, side + 64), (side + 32, side)], seed=0)
     head = DetectionHead(model).eval()
     args = tuple(torch.from_numpy(sample[name]) for name in INPUT_NAMES)
@@ -85,7 +90,7 @@ def check(model: nn.Module, processor, path: str, atol: float) -> dict:
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     head = DetectionHead(model).eval()
     worst = dict.fromkeys(OUTPUT_NAMES, 0.0)
-    stride = int(model.model.strides[-1])
+    stride = coarsest_stride(model)
     # batch 1, small: fewer encoder tokens than queries (K = tokens); batch 2, padded: more (K = num_queries)
     batches = [[(2 * stride, 4 * stride)], [(4 * stride + 16, 5 * stride), (3 * stride, 4 * stride + 8)]]
     for seed, sizes in enumerate(batches, start=1):
