@@ -139,6 +139,23 @@ def multi_scale_deformable_attention(
     return multi_scale_deformable_attention_pytorch(value, spatial_shapes_list, sampling_locations, attention_weights)
 
 
+class ZeroInitLinear(nn.Linear):
+    """``nn.Linear`` whose weight and bias start at zero (the attention-weight projection, a box head's last layer).
+
+    A type of its own so that ``_init_weights`` zeroes it wherever it is (re)initialized, also when it alone is
+    missing from a checkpoint (transformers then initializes only that module). State-dict keys are ``nn.Linear``'s.
+    """
+
+
+class SamplingOffsets(nn.Linear):
+    """``(..., D) -> (..., NH * L * P * 2)`` sampling offsets; starts at zero weight and the head-direction bias of
+    ``init_sampling_offsets_`` (a type of its own for the same reason as ``ZeroInitLinear``)."""
+
+    def __init__(self, d_model: int, n_heads: int, n_levels: int, n_points: int):
+        super().__init__(d_model, n_heads * n_levels * n_points * 2)
+        self.n_heads, self.n_levels, self.n_points = n_heads, n_levels, n_points
+
+
 class MultiScaleDeformableAttention(nn.Module):
     """Deformable attention of ``Q`` queries over ``L`` flattened feature levels (``n_points`` samples per level)."""
 
@@ -150,8 +167,8 @@ class MultiScaleDeformableAttention(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.d_model, self.n_heads, self.n_levels, self.n_points = d_model, n_heads, n_levels, n_points
         self.backend = backend
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.sampling_offsets = SamplingOffsets(d_model, n_heads, n_levels, n_points)
+        self.attention_weights = ZeroInitLinear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
 
@@ -204,18 +221,24 @@ class MultiScaleDeformableAttention(nn.Module):
         return self.output_proj(output)
 
 
-def init_deformable_attention_(module: MultiScaleDeformableAttention) -> None:
-    """Deformable-DETR init: zero offset weights, offset bias pointing each head in its own direction, scaled by
-    the point index (1..P); zero attention-weight projection; Xavier value/output projections with zero bias.
+def init_sampling_offsets_(linear: SamplingOffsets) -> None:
+    """Zero weight; bias pointing each head in its own direction, scaled by the point index (1..P) (Deformable DETR).
     Uses ``transformers.initialization`` so parameters flagged as already initialized are left untouched."""
-    heads, levels, points = module.n_heads, module.n_levels, module.n_points
-    init.constant_(module.sampling_offsets.weight, 0.0)
+    heads, levels, points = linear.n_heads, linear.n_levels, linear.n_points
+    init.constant_(linear.weight, 0.0)
     thetas = torch.arange(heads, dtype=torch.float32) * (2.0 * math.pi / heads)
     directions = torch.stack([thetas.cos(), thetas.sin()], -1)  # (H, 2)
     directions = directions / directions.abs().max(-1, keepdim=True).values
     scales = torch.arange(1, points + 1, dtype=torch.float32).view(1, 1, points, 1)
     grid = directions.view(heads, 1, 1, 2) * scales  # (H, 1, P, 2)
-    init.copy_(module.sampling_offsets.bias, grid.expand(heads, levels, points, 2).reshape(-1))
+    init.copy_(linear.bias, grid.expand(heads, levels, points, 2).reshape(-1))
+
+
+def init_deformable_attention_(module: MultiScaleDeformableAttention) -> None:
+    """Deformable-DETR init of the whole module: the sampling offsets (``init_sampling_offsets_``); zero
+    attention-weight projection; Xavier value/output projections with zero bias. ``_init_weights`` reaches the same
+    through the types of the four linear layers."""
+    init_sampling_offsets_(module.sampling_offsets)
     init.constant_(module.attention_weights.weight, 0.0)
     init.constant_(module.attention_weights.bias, 0.0)
     for linear in (module.value_proj, module.output_proj):

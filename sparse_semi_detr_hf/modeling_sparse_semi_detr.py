@@ -16,13 +16,13 @@ from transformers.utils import ModelOutput
 
 from .backbone import Neck, TimmBackbone, downsample_padding_mask
 from .configuration_sparse_semi_detr import SparseSemiDetrConfig
-from .deformable_attention import MultiScaleDeformableAttention, init_deformable_attention_
+from .deformable_attention import SamplingOffsets, ZeroInitLinear, init_sampling_offsets_
 from .denoising import DenoisingMeta, build_denoising_queries
 from .loss import SetCriterion
 from .position_encoding import SinePositionEmbedding
 from .query_groups import QueryGroup, build_decoder_attention_mask
 from .query_refinement import CrossViewProjector, QueryRefinementModule
-from .query_selection import QuerySelection
+from .query_selection import ContentQueries, QuerySelection
 from .transformer import FOCAL_PRIOR_PROBABILITY, MLP, ClassHead, Decoder, Encoder
 
 
@@ -179,17 +179,27 @@ class SparseSemiDetrPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """DINO initialisation. The timm backbone keeps timm's own init (it is marked as initialized).
 
-        transformers calls this only for modules that own parameters (children before parents), so the
-        parameter-less containers (deformable attention, query selection) are initialized from the
-        ``SparseSemiDetrModel`` call, which comes after all of its children.
+        transformers calls this only for modules that own parameters, and on loading only for those it
+        re-initializes (a head re-made for a new label set, a module missing from the checkpoint). So every DINO
+        rule is keyed on the type of the module that owns the parameters: ``ClassHead`` (focal prior),
+        ``ZeroInitLinear`` (attention weights, box heads' last layer), ``SamplingOffsets``, ``ContentQueries``.
         """
-        if isinstance(module, ClassHead):  # here, not below: a head re-made for a new label set is its own module
+        if isinstance(module, ClassHead):
             init.xavier_uniform_(module.weight)
             init.constant_(module.bias, -math.log((1 - FOCAL_PRIOR_PROBABILITY) / FOCAL_PRIOR_PROBABILITY))
+        elif isinstance(module, ZeroInitLinear):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, SamplingOffsets):
+            init_sampling_offsets_(module)
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, ContentQueries):
+            # DINO draws tgt_embed from N(0, 1) and then Xavier-initialises every 2-D transformer parameter, so
+            # the content queries end Xavier-uniform (std ~0.04 at 900 x 256); the label embedding stays N(0, 1).
+            init.xavier_uniform_(module.weight)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=1.0)
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -201,21 +211,7 @@ class SparseSemiDetrPreTrainedModel(PreTrainedModel):
                 init.ones_(module.running_var)  # with query_mode cross_view)
                 init.zeros_(module.num_batches_tracked)
         elif isinstance(module, SparseSemiDetrModel):
-            for sub in module.modules():
-                if isinstance(sub, MultiScaleDeformableAttention):
-                    init_deformable_attention_(sub)
-            _zero_last_box_layer(module.query_selection.box_head)
-            _zero_last_box_layer(module.box_head)
             init.normal_(module.level_embed, mean=0.0, std=1.0)
-            # DINO draws tgt_embed from N(0, 1) and then Xavier-initialises every 2-D transformer parameter, so
-            # the content queries end Xavier-uniform (std ~0.04 at 900 x 256); the label embedding stays N(0, 1).
-            init.xavier_uniform_(module.query_selection.content_queries.weight)
-
-
-def _zero_last_box_layer(box_head: MLP) -> None:
-    """Last box layer zero, so initial boxes equal the anchors."""
-    init.zeros_(box_head.layers[-1].weight)
-    init.zeros_(box_head.layers[-1].bias)
 
 
 def _build_query_module(config: SparseSemiDetrConfig) -> nn.Module | None:
@@ -257,7 +253,7 @@ class SparseSemiDetrModel(SparseSemiDetrPreTrainedModel):
         self.query_selection = QuerySelection(config)
         self.decoder = Decoder(config)
         self.class_head = ClassHead(d, config.num_labels)
-        self.box_head = MLP(d, d, 4, 3)
+        self.box_head = MLP(d, d, 4, 3, zero_last=True)
         self.label_embedding = nn.Embedding(config.num_labels + 1, d)
         self.query_module = _build_query_module(config)
         self.post_init()

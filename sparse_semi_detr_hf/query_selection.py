@@ -61,6 +61,11 @@ class SelectedQueries:
     content: Tensor
 
 
+class ContentQueries(nn.Embedding):
+    """``(num_queries, D)`` learned content queries; Xavier-uniform at init (``_init_weights``), as DINO's
+    ``tgt_embed`` ends after its N(0, 1) draw and the Xavier init of every 2-D transformer parameter."""
+
+
 class QuerySelection(nn.Module):
     """Encoder head (Linear + LayerNorm, class head, box head) and mixed top-K selection."""
 
@@ -71,8 +76,8 @@ class QuerySelection(nn.Module):
         self.output_proj = nn.Linear(d, d)
         self.output_norm = nn.LayerNorm(d)
         self.class_head = ClassHead(d, config.num_labels)
-        self.box_head = MLP(d, d, 4, 3)
-        self.content_queries = nn.Embedding(config.num_queries, d)
+        self.box_head = MLP(d, d, 4, 3, zero_last=True)
+        self.content_queries = ContentQueries(config.num_queries, d)
 
     def forward(self, memory: Tensor, padding_mask: Tensor, shapes_list: list[tuple[int, int]]) -> SelectedQueries:
         masked_memory, proposals, valid = encoder_output_proposals(memory, padding_mask, shapes_list)

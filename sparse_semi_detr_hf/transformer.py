@@ -11,7 +11,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.activations import ACT2FN
 
 from .box_ops import inverse_sigmoid
-from .deformable_attention import MultiScaleDeformableAttention
+from .deformable_attention import MultiScaleDeformableAttention, ZeroInitLinear
 from .position_encoding import anchor_sine_embedding
 
 
@@ -30,12 +30,17 @@ class ClassHead(nn.Linear):
 
 
 class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU in between (DETR's box head)."""
+    """``num_layers`` linear layers with ReLU in between (DETR's box head).
 
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+    ``zero_last``: the last layer is a ``ZeroInitLinear`` (box heads: initial boxes equal the anchors).
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, zero_last: bool = False):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [output_dim]))
+        layers = [nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])]
+        layers.append((ZeroInitLinear if zero_last else nn.Linear)(dims[-1], output_dim))
+        self.layers = nn.ModuleList(layers)
 
     def forward(self, x: Tensor) -> Tensor:
         for index, layer in enumerate(self.layers):

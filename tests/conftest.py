@@ -82,3 +82,15 @@ def tiny_onnx_export(tmp_path_factory) -> dict:
     save_tiny_model(folder / "model")
     report = script.main(["--model", str(folder / "model"), "--output_dir", str(folder / "onnx")])
     return {"model_dir": folder / "model", "onnx_dir": folder / "onnx", "report": report, "script": script}
+
+
+def save_without(model, folder, prefixes: tuple[str, ...]) -> list[str]:
+    """Save ``model`` to ``folder`` with every weight whose name starts with one of ``prefixes`` left out."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(folder)
+    weights = load_file(folder / "model.safetensors")
+    dropped = [name for name in weights if name.startswith(prefixes)]
+    save_file({k: v for k, v in weights.items() if k not in dropped}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    return dropped

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_targets, tiny_config_kwargs
+from conftest import random_targets, save_without, tiny_config_kwargs
 
 from sparse_semi_detr_hf import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection
 from sparse_semi_detr_hf.query_groups import QueryGroup, build_decoder_attention_mask
@@ -167,6 +167,39 @@ def test_class_heads_remade_for_a_new_label_set_start_at_the_focal_prior(tmp_pat
     with torch.no_grad():
         out = relabeled(pixel_values=torch.randn(2, 3, 64, 64), labels=random_targets(2, [0, 0]))
     assert out.loss_dict["loss_ce_enc"] < 1.0
+
+
+PARTIAL_PREFIXES = ("model.box_head.", "model.query_selection.box_head.layers.2.", "model.encoder.layers.0.self_attn.",
+                    "model.query_selection.content_queries.")
+
+
+def test_modules_missing_from_a_checkpoint_get_dino_init(tmp_path):
+    """Bug fixed: a box head, deformable attention or the content queries missing from a checkpoint (transformers
+    then initializes only those modules) got the generic Linear / Embedding init: box heads' last layer not zero,
+    sampling offsets without the head directions, attention weights not zero, content queries N(0, 1). DINO's rules
+    ran only from the parent ``SparseSemiDetrModel`` branch, which transformers does not call then."""
+    trained = make_model()
+    with torch.no_grad():  # as after training: nothing is at its init value any more
+        for parameter in trained.parameters():
+            parameter.add_(0.1)
+    dropped = save_without(trained, tmp_path, PARTIAL_PREFIXES)
+    assert len(dropped) == 6 + 2 + 8 + 1
+    loaded = SparseSemiDetrForObjectDetection.from_pretrained(tmp_path)
+    fresh = make_model()
+    for head in (loaded.model.box_head, loaded.model.query_selection.box_head):
+        assert head.layers[-1].weight.abs().sum() == 0 and head.layers[-1].bias.abs().sum() == 0
+    attention = loaded.model.encoder.layers[0].self_attn
+    assert attention.sampling_offsets.weight.abs().sum() == 0
+    torch.testing.assert_close(attention.sampling_offsets.bias, fresh.model.encoder.layers[0].self_attn.sampling_offsets.bias)
+    assert attention.sampling_offsets.bias.abs().max() == loaded.config.encoder_n_points  # head directions x point
+    assert attention.attention_weights.weight.abs().sum() == 0 and attention.attention_weights.bias.abs().sum() == 0
+    content = loaded.model.query_selection.content_queries.weight
+    assert content.abs().max() <= math.sqrt(6 / sum(content.shape))  # Xavier-uniform, not N(0, 1)
+    # what the checkpoint holds is loaded as it is
+    torch.testing.assert_close(loaded.model.query_selection.box_head.layers[0].weight,
+                               trained.model.query_selection.box_head.layers[0].weight)
+    torch.testing.assert_close(loaded.model.encoder.layers[1].self_attn.sampling_offsets.bias,
+                               trained.model.encoder.layers[1].self_attn.sampling_offsets.bias)
 
 
 def test_return_dict_false_gives_tuple():

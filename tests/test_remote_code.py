@@ -9,7 +9,7 @@ import textwrap
 
 import numpy as np
 import torch
-from conftest import tiny_config_kwargs
+from conftest import save_without, tiny_config_kwargs
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection, pipeline
 
@@ -43,7 +43,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     import sys, torch
     sys.modules["sparse_semi_detr_hf"] = None  # the package must not be importable here
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
-    folder, inputs_path, out_path = sys.argv[1:4]
+    folder, inputs_path, out_path, partial = sys.argv[1:5]
     model = AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
     pil_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, backend="pil")
@@ -57,8 +57,13 @@ REMOTE_SCRIPT = textwrap.dedent(
     relabeled = AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True, num_labels=5,
                                                             ignore_mismatched_sizes=True)
     biases = [relabeled.model.class_head.bias, relabeled.model.query_selection.class_head.bias]
+    partial = AutoModelForObjectDetection.from_pretrained(partial, trust_remote_code=True).model
+    remade = {"box_head_last": partial.box_head.layers[-1].weight,
+              "sampling_offsets_bias": partial.encoder.layers[0].self_attn.sampling_offsets.bias,
+              "attention_weights": partial.encoder.layers[0].self_attn.attention_weights.weight}
     torch.save({"logits": logits, "processor": type(processor).__name__,
-                "pil_processor": type(pil_processor).__name__, "relabeled_biases": biases}, out_path)
+                "pil_processor": type(pil_processor).__name__, "relabeled_biases": biases, "remade": remade},
+               out_path)
     """
 )
 
@@ -71,12 +76,20 @@ def test_remote_code_in_clean_process_gives_identical_logits(tmp_path):
     torch.save(inputs, tmp_path / "inputs.pt")
     with torch.no_grad():
         expected = model(**inputs).logits
+    trained = SparseSemiDetrForObjectDetection.from_pretrained(folder)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(0.1)
+    save_without(trained, tmp_path / "partial", ("model.box_head.", "model.encoder.layers.0.self_attn."))
+    for name in ("configuration_sparse_semi_detr.py", "modeling_sparse_semi_detr.py"):
+        assert (tmp_path / "partial" / name).exists()
     script = tmp_path / "remote.py"
     script.write_text(REMOTE_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
     result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        [sys.executable, str(script), str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"),
+         str(tmp_path / "partial")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -87,6 +100,11 @@ def test_remote_code_in_clean_process_gives_identical_logits(tmp_path):
     prior = -math.log(99)  # heads re-made for a new label set start at the focal prior, as in a fresh model
     for bias in out["relabeled_biases"]:
         torch.testing.assert_close(bias.detach(), torch.full((5,), prior))
+    # modules missing from a checkpoint get DINO's init under remote code too
+    remade = out["remade"]
+    assert remade["box_head_last"].abs().sum() == 0 and remade["attention_weights"].abs().sum() == 0
+    torch.testing.assert_close(remade["sampling_offsets_bias"].detach(),
+                               model.model.encoder.layers[0].self_attn.sampling_offsets.bias.detach())
 
 
 def test_object_detection_pipeline_returns_detections(tmp_path):
