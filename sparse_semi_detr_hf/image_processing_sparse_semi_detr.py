@@ -675,7 +675,9 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
 
         Reads only ``outputs.logits (B, Q, C)`` and ``outputs.pred_boxes (B, Q, 4)`` (cxcywh in [0, 1]). Sigmoid
         scores over all ``Q * C`` (query, class) pairs, top ``min(top_k, Q * C)`` pairs per image (so a query may
-        yield several labels), then pairs with ``score > threshold`` are kept, sorted by score.
+        yield several labels), then pairs with ``score > threshold`` are kept, sorted by score. With NMS every pair
+        above ``threshold`` is a candidate and the ``top_k`` best are kept after it (mmdet's ``multiclass_nms``, as
+        Semi-DETR evaluates), so the duplicates of a one-to-many model do not crowd out other objects.
 
         Args:
             target_sizes: ``(B, 2)`` tensor or list of ``(h, w)``; boxes are scaled to these sizes (else left in
@@ -695,8 +697,11 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
         batch_size, num_queries, num_classes = logits.shape
         if target_sizes is not None and len(target_sizes) != batch_size:
             raise ValueError(f"got {len(target_sizes)} target sizes for a batch of {batch_size}")
+        iou = self.nms_threshold if nms_threshold is None else _validate_nms_threshold(nms_threshold)
+        nms = iou is not None and iou < 1.0
         prob = logits.sigmoid().reshape(batch_size, -1)
-        scores, index = torch.topk(prob, min(int(top_k), prob.shape[1]), dim=1)
+        top_k = min(int(top_k), prob.shape[1])
+        scores, index = torch.topk(prob, prob.shape[1] if nms else top_k, dim=1)
         labels = index % num_classes
         query_index = torch.div(index, num_classes, rounding_mode="floor")
         boxes = torch.gather(box_cxcywh_to_xyxy(pred_boxes), 1, query_index.unsqueeze(-1).expand(-1, -1, 4))
@@ -707,12 +712,11 @@ class SparseSemiDetrImageProcessor(BaseImageProcessor):
                 sizes = torch.tensor([[float(v) for v in hw] for hw in target_sizes], device=boxes.device)
                 sizes = sizes.to(boxes.dtype)
             boxes = boxes * sizes[:, [1, 0, 1, 0]].unsqueeze(1)
-        iou = self.nms_threshold if nms_threshold is None else _validate_nms_threshold(nms_threshold)
         results = []
         for s, l, b in zip(scores, labels, boxes):
             keep = torch.nonzero(s > threshold).squeeze(1)
-            if iou is not None and iou < 1.0 and keep.numel() > 0:
-                keep = keep[batched_nms(b[keep].float(), s[keep].float(), l[keep], iou)]
+            if nms and keep.numel() > 0:
+                keep = keep[batched_nms(b[keep].float(), s[keep].float(), l[keep], iou)][:top_k]
             results.append({"scores": s[keep], "labels": l[keep], "boxes": b[keep]})
         return results
 

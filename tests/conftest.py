@@ -94,3 +94,17 @@ def save_without(model, folder, prefixes: tuple[str, ...]) -> list[str]:
     save_file({k: v for k, v in weights.items() if k not in dropped}, folder / "model.safetensors",
               metadata={"format": "pt"})
     return dropped
+
+
+def crowded_one_to_many_outputs(objects: int = 30, duplicates: int = 13) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1, objects * duplicates, 2)`` logits / cxcywh boxes: every object predicted ``duplicates`` times (as in the
+    one-to-many stage), the copies slightly shifted, scores from 0.95 down (object-major) and all >= 0.5."""
+    grid = torch.stack(torch.meshgrid(torch.arange(6), torch.arange(5), indexing="ij"), -1).flatten(0, 1)[:objects]
+    centres = (grid.float() + 0.5) / torch.tensor([6.0, 5.0])
+    shift = torch.linspace(0, 0.004, duplicates)
+    boxes = torch.cat([centres[:, None].expand(-1, duplicates, -1) + shift[None, :, None],
+                       torch.full((objects, duplicates, 2), 0.1)], -1).flatten(0, 1)
+    scores = torch.linspace(0.95, 0.5, objects * duplicates)
+    logits = torch.full((1, objects * duplicates, 2), -10.0)
+    logits[0, :, 0] = torch.log(scores / (1 - scores))
+    return logits, boxes[None]

@@ -24,6 +24,7 @@ from transformers import (
     pipeline,
 )
 from transformers.utils import ModelOutput
+from conftest import crowded_one_to_many_outputs
 
 from sparse_semi_detr_hf.image_processing_sparse_semi_detr import (
     IMAGENET_DEFAULT_MEAN,
@@ -344,6 +345,23 @@ def test_post_process_class_wise_nms_matches_torchvision(tmp_path):
     assert len(saved.post_process_object_detection(outputs, 0.5, nms_threshold=1.0)[0]["scores"]) == 4
     with pytest.raises(ValueError, match="nms_threshold"):
         SparseSemiDetrImageProcessor(nms_threshold=1.5)
+
+
+def test_post_process_nms_before_top_k_keeps_every_object():
+    """Bug fixed: with NMS the top ``top_k`` pairs were taken first, so a one-to-many model's duplicates crowded out
+    objects (30 objects x 13 copies, top 300: 24 detections). Now NMS over every pair above the threshold, then
+    the ``top_k`` best (mmdet's multiclass_nms, as Semi-DETR evaluates)."""
+    logits, boxes = crowded_one_to_many_outputs()
+    outputs = DetectionOutput(logits=logits, pred_boxes=boxes)
+    processor = SparseSemiDetrImageProcessor()
+    detections = processor.post_process_object_detection(outputs, 0.0, top_k=300, nms_threshold=0.6)[0]
+    class0 = detections["labels"] == 0
+    assert int(class0.sum()) == 30  # every object once (the class-1 pairs at score ~0 are other boxes' labels)
+    assert len(detections["scores"]) <= 300
+    assert bool((detections["scores"][:-1] >= detections["scores"][1:]).all())
+    top10 = processor.post_process_object_detection(outputs, 0.0, top_k=10, nms_threshold=0.6)[0]
+    assert_close(top10["scores"], detections["scores"][:10])
+    assert len(processor.post_process_object_detection(outputs, 0.0, top_k=300)[0]["scores"]) == 300  # no NMS
 
 
 def test_post_process_target_sizes_tensor_and_list():

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import crowded_one_to_many_outputs
 
 from sparse_semi_detr_hf.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from sparse_semi_detr_hf.training.pseudo_labels import (
@@ -79,6 +80,20 @@ def test_class_wise_nms_removes_same_class_duplicates_only():
     torch.testing.assert_close(with_nms["scores"], torch.tensor([0.9, 0.7, 0.6]))
     assert with_nms["class_labels"].tolist() == [0, 1, 0]
     torch.testing.assert_close(with_nms["boxes"], boxes[0, [0, 2, 3]])
+
+
+def test_nms_comes_before_the_cap_so_duplicates_do_not_crowd_out_objects():
+    """Bug fixed: the top ``max_per_image`` pairs were taken before the class-wise NMS, so in the one-to-many stage
+    an image with more than ``max_per_image / duplicates`` confident objects lost whole objects (30 objects x 13
+    copies, cap 300: 24 pseudo-labels). Semi-DETR's ``multiclass_nms`` caps after the NMS: all 30."""
+    logits, boxes = crowded_one_to_many_outputs()
+    out = select_pseudo_labels(logits, boxes, threshold=0.4, class_nms_iou=0.6, max_per_image=300)[0]
+    assert len(out["scores"]) == 30
+    torch.testing.assert_close(out["boxes"], boxes[0, ::13])  # the best copy of each object
+    capped = select_pseudo_labels(logits, boxes, threshold=0.4, class_nms_iou=0.6, max_per_image=10)[0]
+    torch.testing.assert_close(capped["scores"], out["scores"][:10])  # the cap keeps the 10 best after NMS
+    no_nms = select_pseudo_labels(logits, boxes, threshold=0.4, max_per_image=300)[0]
+    assert len(no_nms["scores"]) == 300
 
 
 def test_mean_std_filter():

@@ -34,8 +34,9 @@ def select_pseudo_labels(
         threshold: keep (query, class) pairs with score ``>= threshold`` (τ = 0.4).
         class_nms_iou: class-wise NMS IoU (0.6 in the one-to-many stage, whose predictions are duplicated);
             ``None`` disables NMS.
-        max_per_image: top-k over the flattened ``Q * C`` scores first, like post-processing (a query can
-            give several labels).
+        max_per_image: at most this many (query, class) pairs per image, the highest scores (a query can give
+            several labels); with NMS the cap comes after it (Semi-DETR's ``multiclass_nms``), so duplicates
+            of the best objects cannot take the places of other objects.
         mean_std_filter: Semi-DETR's adaptive pre-filter: also require ``score >= mean + std`` of the image's
             candidates with score ``>= STATS_SCORE_FLOOR`` (after NMS when enabled; population std).
 
@@ -45,25 +46,30 @@ def select_pseudo_labels(
     """
     _, num_queries, num_classes = logits.shape
     scores = logits.detach().sigmoid().flatten(1)
-    k = min(max_per_image, num_queries * num_classes)
-    top_scores, top_index = scores.topk(k, dim=1)
+    # without NMS the top max_per_image pairs are the ones the cap keeps; with it, every pair is a candidate
+    pool = num_queries * num_classes if class_nms_iou is not None else min(max_per_image, num_queries * num_classes)
+    top_scores, top_index = scores.topk(pool, dim=1)
     top_labels = top_index % num_classes
     top_boxes = boxes.detach().gather(1, (top_index // num_classes).unsqueeze(-1).expand(-1, -1, 4))
     return [
-        _filter_image(scores_i, labels_i, boxes_i, threshold, class_nms_iou, mean_std_filter)
+        _filter_image(scores_i, labels_i, boxes_i, threshold, class_nms_iou, mean_std_filter, max_per_image)
         for scores_i, labels_i, boxes_i in zip(top_scores, top_labels, top_boxes)
     ]
 
 
 def _filter_image(
-    scores: Tensor, labels: Tensor, boxes: Tensor, threshold: float, class_nms_iou: float | None, mean_std: bool
+    scores: Tensor, labels: Tensor, boxes: Tensor, threshold: float, class_nms_iou: float | None, mean_std: bool,
+    max_per_image: int,
 ) -> dict[str, Tensor]:
-    """One image's top-k candidates ``(k,), (k,), (k, 4)`` (sorted by score) -> its pseudo-label dict."""
+    """One image's candidates ``(k,), (k,), (k, 4)`` (sorted by score) -> its pseudo-label dict: score floor,
+    class-wise NMS, the ``max_per_image`` best, then τ (and mean + std), as Semi-DETR's ``multiclass_nms`` and
+    filter."""
     keep = scores >= (min(threshold, STATS_SCORE_FLOOR) if mean_std else threshold)
     scores, labels, boxes = scores[keep], labels[keep], boxes[keep]
     if class_nms_iou is not None and scores.numel() > 0:
         order = batched_nms(box_cxcywh_to_xyxy(boxes).float(), scores.float(), labels, class_nms_iou)
-        scores, labels, boxes = scores[order], labels[order], boxes[order]
+        scores, labels, boxes = scores[order], labels[order], boxes[order]  # still sorted by score
+    scores, labels, boxes = scores[:max_per_image], labels[:max_per_image], boxes[:max_per_image]
     keep = scores >= threshold
     if mean_std and scores.numel() > 0:
         keep &= scores >= scores.mean() + scores.std(correction=0)
