@@ -78,6 +78,11 @@ class SparseSemiDetrConfig(PretrainedConfig):
         consistency_loss_coefficient (`float`, defaults to 10.0): weight of the student/teacher query consistency.
         consistency_see_matching (`bool`, defaults to `True`): extra query groups may attend to matching queries.
         pseudo_label_threshold (`float`, defaults to 0.4): teacher score threshold tau.
+        pseudo_label_mean_std_filter (`bool`, defaults to `False`): Semi-DETR's adaptive pre-filter: a pseudo-label
+            also needs a score >= mean + std of its image's candidates (scores >= 0.01, after the NMS).
+        one_to_many_nms_iou (`float`, defaults to 0.6): class-wise NMS IoU of the one-to-many stage, whose
+            predictions duplicate each other: applied to the teacher's pseudo-labels, to the evaluation and by the
+            image processor of a model exported from that stage (Semi-DETR's 0.6; 1.0 keeps every box).
         use_rpf (`bool`, defaults to `True`): Reliable Pseudo-Label Filtering on/off.
         rpf_groups (`int`, defaults to 6): m groups of (jittered) pseudo-labels.
         rpf_topk (`int`, defaults to 4): positives kept per pseudo-box.
@@ -158,6 +163,8 @@ class SparseSemiDetrConfig(PretrainedConfig):
         consistency_loss_coefficient: float = 10.0,
         consistency_see_matching: bool = True,
         pseudo_label_threshold: float = 0.4,
+        pseudo_label_mean_std_filter: bool = False,
+        one_to_many_nms_iou: float = 0.6,
         use_rpf: bool = True,
         rpf_groups: int = 6,
         rpf_topk: int = 4,
@@ -228,6 +235,8 @@ class SparseSemiDetrConfig(PretrainedConfig):
         self.consistency_loss_coefficient = consistency_loss_coefficient
         self.consistency_see_matching = consistency_see_matching
         self.pseudo_label_threshold = pseudo_label_threshold
+        self.pseudo_label_mean_std_filter = bool(pseudo_label_mean_std_filter)
+        self.one_to_many_nms_iou = one_to_many_nms_iou
         self.use_rpf = use_rpf
         self.rpf_groups = rpf_groups
         self.rpf_topk = rpf_topk
@@ -283,6 +292,8 @@ class SparseSemiDetrConfig(PretrainedConfig):
         _choice(self, "qrm_attention_on", QRM_ATTENTION_ON)
         _unit_interval(self, "label_noise_ratio", "focal_alpha", "pseudo_label_threshold", "rpf_duplicate_iou",
                        "dropout")
+        if not 0.0 < self.one_to_many_nms_iou <= 1.0:
+            raise ValueError(f"one_to_many_nms_iou must lie in (0, 1] (got {self.one_to_many_nms_iou}).")
         for field in ("box_noise_scale", "rpf_jitter", "num_denoising_queries", "qrm_alignment_loss_coefficient"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0 (got {getattr(self, field)}).")

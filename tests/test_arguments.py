@@ -79,3 +79,23 @@ def test_learning_rate_schedules(kind):
         assert rates[2:] == [1.0] * 8
     else:
         assert rates[-1] < 0.2 and all(a >= b for a, b in zip(rates[2:], rates[3:]))
+
+
+def test_view_overrides_reach_the_views_and_typos_stop_at_parse_time():
+    args = parse("--view_overrides", "rotate_degrees=15,shear_degrees=0,erase_patches=0:2,colour_ops=identity,"
+                 "flip_prob=0.25", "--image_scales", "96,112", "--max_image_size", "160")
+    views = args.view_config()
+    assert (views.rotate_degrees, views.shear_degrees, views.erase_patches) == (15, 0, (0, 2))
+    assert (views.colour_ops, views.flip_prob, views.scales, views.max_size) == (("identity",), 0.25, (96, 112), 160)
+    assert parse().view_config().rotate_degrees == 30.0  # the paper's view by default
+    with pytest.raises(ValueError, match="view_overrides: unknown field 'rotate'"):
+        parse("--view_overrides", "rotate=15")
+    with pytest.raises(ValueError, match="flip_prob"):
+        parse("--view_overrides", "flip_prob=2")
+
+
+def test_pseudo_label_nms_and_mean_std_filter_are_method_flags():
+    args = parse("--one_to_many_nms_iou", "0.5", "--pseudo_label_mean_std_filter", "true")
+    kwargs = args.model_config_kwargs()
+    assert kwargs["one_to_many_nms_iou"] == 0.5 and kwargs["pseudo_label_mean_std_filter"] is True
+    assert "one_to_many_nms_iou" not in parse().user_model_fields  # else the model config's value

@@ -17,8 +17,11 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from transformers import HfArgumentParser
+from conftest import tiny_config_kwargs
 
+from sparse_semi_detr_hf import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection
 from sparse_semi_detr_hf.loss import SetCriterion
+from sparse_semi_detr_hf.training import step
 from sparse_semi_detr_hf.training.arguments import TrainingArguments
 from sparse_semi_detr_hf.training.step import ONE_TO_MANY, ONE_TO_ONE
 from sparse_semi_detr_hf.training.trainer import SemiSupervisedTrainer
@@ -110,12 +113,34 @@ def test_models_exported_from_the_one_to_many_stage_carry_their_nms(tmp_path, sy
     evaluation's class-wise NMS (pipeline users get what was evaluated); a one-to-one model's does not."""
     trainer = SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache, "--one_to_many_steps", "2"))
     metrics = dict.fromkeys(["AP", "AP50", "AP75", "APs", "APm", "APl"], 0.0)
-    for step, expected in ((2, 0.6), (3, None)):
-        trainer.state.step = step
-        trainer.export(trainer.teacher.model, f"model_{step}", metrics)
-        saved = json.loads((tmp_path / f"model_{step}" / "preprocessor_config.json").read_text())
+    for at_step, expected in ((2, 0.6), (3, None)):
+        trainer.state.step = at_step
+        trainer.export(trainer.teacher.model, f"model_{at_step}", metrics)
+        saved = json.loads((tmp_path / f"model_{at_step}" / "preprocessor_config.json").read_text())
         assert saved.get("nms_threshold") == expected
     assert trainer.processor.nms_threshold is None
+    for iou, expected in (("0.5", 0.5), ("1.0", None)):  # --one_to_many_nms_iou (1.0: no NMS at all)
+        other = SemiSupervisedTrainer(tiny_args(tmp_path / iou, synthetic_cache, "--one_to_many_steps", "2",
+                                                "--one_to_many_nms_iou", iou))
+        assert other.nms_threshold(ONE_TO_MANY) == expected and other.nms_threshold(ONE_TO_ONE) is None
+
+
+def test_pseudo_label_settings_reach_the_selection(monkeypatch):
+    """``one_to_many_nms_iou`` (one-to-many stage only) and ``pseudo_label_mean_std_filter`` are what the teacher's
+    pseudo-label selection is called with."""
+    calls = []
+    real = step.select_pseudo_labels
+    monkeypatch.setattr(step, "select_pseudo_labels", lambda *a, **k: calls.append(k) or real(*a, **k))
+    torch.manual_seed(0)
+    config = SparseSemiDetrConfig(**tiny_config_kwargs(one_to_many_nms_iou=0.45, pseudo_label_mean_std_filter=True))
+    teacher = SparseSemiDetrForObjectDetection(config).eval()
+    batch = {"weak_pixel_values": torch.randn(1, 3, 64, 64),
+             "weak_pixel_mask": torch.ones(1, 64, 64, dtype=torch.long), "weak_sizes": torch.tensor([[64, 64]]), "strong_sizes": torch.tensor([[64, 64]]),
+             "weak_to_strong": torch.eye(3)[None]}
+    for stage in (ONE_TO_MANY, ONE_TO_ONE):
+        step.run_teacher(teacher, batch, stage, config)
+    assert [c["class_nms_iou"] for c in calls] == [0.45, None]
+    assert all(c["mean_std_filter"] is True and c["max_per_image"] == config.num_detections for c in calls)
 
 
 def test_history_records_the_pseudo_label_rate_and_warns_when_it_vanishes(tmp_path, synthetic_cache, caplog):

@@ -66,8 +66,9 @@ PRESETS = {
 # command line, and the trainer warns when a saved value differs from the package default.
 METHOD_FIELDS = (
     "use_rpf", "rpf_groups", "rpf_topk", "rpf_jitter", "rpf_duplicate_iou", "rpf_joint_matching",
-    "rpf_ignore_duplicates", "pseudo_label_threshold", "one_to_many_topk", "box_noise_scale", "label_noise_ratio",
-    "class_loss_coefficient", "consistency_loss_coefficient",
+    "rpf_ignore_duplicates", "pseudo_label_threshold", "pseudo_label_mean_std_filter", "one_to_many_nms_iou",
+    "one_to_many_topk", "box_noise_scale", "label_noise_ratio", "class_loss_coefficient",
+    "consistency_loss_coefficient",
 )
 # Trainer fields that are SparseSemiDetrConfig fields of the same name.
 MODEL_FIELDS = (
@@ -144,6 +145,9 @@ class TrainingArguments:
     synthetic_overrides: str | None = field(default=None, metadata={"help": "SyntheticConfig difficulty knobs, "
                                                                             "'k=v,k=lo:hi' (e.g. 'num_classes=6,"
                                                                             "radius_range=6:28,clutter=0.5')."})
+    view_overrides: str | None = field(default=None, metadata={
+        "help": "Other ViewConfig fields of the training views, 'k=v,k=lo:hi' (e.g. 'rotate_degrees=15,"
+                "shear_degrees=0,erase_patches=0:2,flip_prob=0.5'; lists: 'colour_ops=identity:equalize')."})
     image_scales: str | None = field(default=None, metadata={"help": "Comma-separated training short sides."})
     max_image_size: int | None = field(default=None, metadata={"help": "Longest side of training views."})
     eval_image_size: int | None = field(default=None, metadata={"help": "Short side of evaluation views."})
@@ -225,6 +229,11 @@ class TrainingArguments:
         "help": "RPF: candidates outside a pseudo-box's top-k get no classification loss (default) or are "
                 "background (false; ablation)."})
     pseudo_label_threshold: float | None = field(default=None, metadata={"help": "Teacher score threshold tau."})
+    pseudo_label_mean_std_filter: bool | None = field(default=None, metadata={
+        "help": "Semi-DETR's adaptive pre-filter: a pseudo-label also needs score >= mean + std of its image."})
+    one_to_many_nms_iou: float | None = field(default=None, metadata={
+        "help": "Class-wise NMS IoU in the one-to-many stage: pseudo-labels, evaluation, exported processor "
+                "(1.0 = none)."})
     qrm_attention_on: str | None = field(default=None, metadata={"choices": ("low", "high", "both", "none"),
                                                                  "help": "QRM attention: low|high|both|none."})
     qrm_use_similarity: bool | None = field(default=None, metadata={"help": "QRM similarity step."})
@@ -333,6 +342,14 @@ class TrainingArguments:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}.")
         if self.labeled_batch_size < 1 or (self.unlabeled_batch_size < 1 and not self.supervised_only):
             raise ValueError("batch sizes must be >= 1.")
+        self.view_config()  # a wrong --view_overrides stops here, before any data is read
+
+    def view_config(self):
+        """The ``ViewConfig`` of the training and evaluation views (scales, sizes and ``--view_overrides``)."""
+        from .transforms import ViewConfig
+
+        return ViewConfig(**{"scales": self.training_scales, "max_size": self.max_image_size,
+                             "eval_scale": self.eval_image_size, **parse_view_overrides(self.view_overrides)})
 
     @property
     def training_scales(self) -> tuple[int, ...]:
@@ -403,11 +420,27 @@ def parse_synthetic_overrides(text: str | None) -> dict:
     range; the keys are checked by ``SyntheticConfig``)."""
     from .synthetic import SyntheticConfig
 
-    known = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    return parse_dataclass_overrides(text, SyntheticConfig, "synthetic_overrides")
+
+
+def parse_view_overrides(text: str | None) -> dict:
+    """``"rotate_degrees=15,erase_patches=0:2,colour_ops=identity:equalize"`` -> ``ViewConfig`` keyword arguments
+    (``a:b`` is a tuple; a single value of a tuple field becomes a one-element tuple)."""
+    from .transforms import ViewConfig
+
+    tuple_fields = {"scales", "colour_ops", "geometric_ops"}
+    result = parse_dataclass_overrides(text, ViewConfig, "view_overrides")
+    return {key: (value,) if key in tuple_fields and not isinstance(value, tuple) else value
+            for key, value in result.items()}
+
+
+def parse_dataclass_overrides(text: str | None, cls, flag: str) -> dict:
+    """``'k=v,k=lo:hi'`` -> keyword arguments of the dataclass ``cls``; an unknown key is an error naming ``flag``."""
+    known = {f.name for f in dataclasses.fields(cls)}
     result = {}
     for key, value in parse_overrides(text).items():
         if key not in known:
-            raise ValueError(f"synthetic_overrides: unknown field {key!r}; known: {sorted(known)}")
+            raise ValueError(f"{flag}: unknown field {key!r}; known: {sorted(known)}")
         if isinstance(value, str) and ":" in value:
             value = tuple(_parse_value(part) for part in value.split(":"))
         result[key] = value

@@ -68,7 +68,7 @@ def _normalized_cxcywh(boxes_xyxy: list[Tensor], sizes: Tensor) -> Tensor:
     return torch.cat(scaled) if scaled else torch.zeros(0, 4)
 
 
-def run_teacher(teacher: nn.Module, batch: dict, stage: str, config, nms_iou: float = 0.6) -> TeacherOutputs:
+def run_teacher(teacher: nn.Module, batch: dict, stage: str, config) -> TeacherOutputs:
     """Teacher pass on the weak view: encoder once, pseudo-labels, and the query-module RoIs.
 
     ``batch`` is an unlabeled batch (docs/architecture.md); ``weak_sizes``/``strong_sizes`` may stay on the CPU.
@@ -76,19 +76,20 @@ def run_teacher(teacher: nn.Module, batch: dict, stage: str, config, nms_iou: fl
     pseudo-labels and pooled RoIs), the encoder state stays an inference tensor for the teacher's second decode.
     """
     with torch.inference_mode():
-        out = _teacher_inference(teacher, batch, stage, config, nms_iou)
+        out = _teacher_inference(teacher, batch, stage, config)
     out.pseudo_labels = clone_out_of_inference(out.pseudo_labels)
     out.query_inputs = clone_out_of_inference(out.query_inputs)
     return out
 
 
-def _teacher_inference(teacher: nn.Module, batch: dict, stage: str, config, nms_iou: float) -> TeacherOutputs:
+def _teacher_inference(teacher: nn.Module, batch: dict, stage: str, config) -> TeacherOutputs:
     core = teacher.model
     state = core.encode(batch["weak_pixel_values"], batch["weak_pixel_mask"])
     decoded = core.decode(state)
     weak_pseudo = select_pseudo_labels(
         decoded.logits[-1], decoded.boxes[-1], threshold=config.pseudo_label_threshold,
-        class_nms_iou=nms_iou if stage == ONE_TO_MANY else None, max_per_image=config.num_detections,
+        class_nms_iou=config.one_to_many_nms_iou if stage == ONE_TO_MANY else None,
+        max_per_image=config.num_detections, mean_std_filter=config.pseudo_label_mean_std_filter,
     )
     strong_targets, weak_boxes = pseudo_labels_to_strong_view(
         weak_pseudo, batch["weak_sizes"], batch["strong_sizes"], batch["weak_to_strong"]

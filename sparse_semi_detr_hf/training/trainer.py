@@ -48,9 +48,8 @@ from .sampling import SkipBatches, endless_loader, endless_stream_loader
 from .step import ONE_TO_MANY, ONE_TO_ONE, SemiSupervisedStudent, semi_supervised_loss
 from .synthetic import SyntheticConfig, make_synthetic_detection_dataset, make_synthetic_split
 from .teacher import EMATeacher
-from .transforms import EvalTransform, LabeledTransform, UnlabeledPairTransform, ViewConfig
+from .transforms import EvalTransform, LabeledTransform, UnlabeledPairTransform
 
-EVAL_NMS_IOU = 0.6  # class-wise NMS of one-to-many predictions (Semi-DETR's test-time NMS)
 FEW_PSEUDO_LABELS = 0.1  # pseudo-labels per unlabeled image below which the trainer warns
 
 logger = logging.getLogger(__name__)
@@ -323,8 +322,7 @@ class SemiSupervisedTrainer:
         self.state = TrainState()
         for obj in (self.teacher, self.scheduler, self.state):
             self.accelerator.register_for_checkpointing(obj)
-        self.views = ViewConfig(scales=args.training_scales, max_size=args.max_image_size,
-                                eval_scale=args.eval_image_size)
+        self.views = args.view_config()
         self.processor = SparseSemiDetrImageProcessor(
             size={"shortest_edge": args.eval_image_size, "longest_edge": args.max_image_size}
         )
@@ -540,9 +538,10 @@ class SemiSupervisedTrainer:
         return predictions
 
     def nms_threshold(self, stage: str) -> float | None:
-        """Class-wise NMS IoU of predictions in ``stage`` (0.6 in the one-to-many stage when
-        ``eval_nms_in_one_to_many``, as Semi-DETR evaluates; ``None``: no NMS)."""
-        return EVAL_NMS_IOU if stage == ONE_TO_MANY and self.args.eval_nms_in_one_to_many else None
+        """Class-wise NMS IoU of predictions in ``stage`` (``config.one_to_many_nms_iou``, 0.6, in the one-to-many
+        stage when ``eval_nms_in_one_to_many``, as Semi-DETR evaluates; ``None``: no NMS)."""
+        iou = self.config.one_to_many_nms_iou
+        return iou if stage == ONE_TO_MANY and self.args.eval_nms_in_one_to_many and iou < 1.0 else None
 
     @staticmethod
     def _prediction_records(labels: list[dict], results: list[dict]) -> list[dict]:
