@@ -199,6 +199,38 @@ def load_coco_folder(images_dir: str, annotations_json: str) -> Dataset:
     return Dataset.from_dict(columns, features=features, info=_info(cat_ids, features))
 
 
+def align_categories(ds: Dataset, reference: Dataset, source: str) -> Dataset:
+    """``ds`` with its labels moved into ``reference``'s label space, matched by class name.
+
+    Splits loaded on their own number their classes on their own (a COCO json's sorted ids, a Hub split's sorted
+    names): a validation json with other ids or fewer categories than the training json, or a split without
+    some class, would score the model against the wrong classes. Classes of ``ds`` that have boxes but are
+    unknown to ``reference`` raise a ``ValueError`` naming them; ``ds`` is returned as it is when the names agree.
+    """
+    names, reference_names = list(dataset_id2label(ds).values()), list(dataset_id2label(reference).values())
+    if names == reference_names:
+        return ds
+    index = {name: label for label, name in enumerate(reference_names)}
+    used = {names[c] for objects in ds["objects"] for c in objects["category"]}
+    unknown = sorted(used - set(index))
+    if unknown:
+        raise ValueError(f"{source} has boxes of categories {unknown} that the training set does not have "
+                         f"(training categories: {reference_names}); a model trained on that set cannot detect "
+                         "them: add them to the training annotations' categories or remove those boxes.")
+    mapping = [index.get(name, -1) for name in names]
+    logger.info("%s: categories matched to the training set's by name (%s)", source,
+                {name: index[name] for name in names if name in index})
+    features = ds.features.copy()
+    features["objects"] = detection_features(reference_names)["objects"]
+
+    def relabel(objects: dict) -> dict:
+        return {"objects": {**objects, "category": [mapping[c] for c in objects["category"]]}}
+
+    out = ds.map(relabel, input_columns="objects", features=features)
+    out.info.description = json.dumps({"category_ids": dataset_category_ids(reference)})
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- unlabeled
 def _image_files(folder: str) -> list[str]:
     files = glob.glob(os.path.join(glob.escape(folder), "**", "*"), recursive=True)
@@ -261,7 +293,7 @@ def _category_names(ds: Dataset, objects_column: str, category_key: str) -> tupl
     cat = cat.feature if isinstance(cat, List) else cat
     if isinstance(cat, ClassLabel):
         return list(cat.names), None
-    values = [c for objs in ds[objects_column] for c in _as_dict_of_lists(objs)[category_key]]
+    values = [c for objs in ds[objects_column] for c in _as_dict_of_lists(objs).get(category_key, [])]
     if cat.dtype == "string":
         names = sorted(set(values))
         return names, {n: i for i, n in enumerate(names)}

@@ -30,6 +30,7 @@ from .data import (
     LabeledDetectionDataset,
     UnlabeledPairDataset,
     UnlabeledPairIterableDataset,
+    align_categories,
     as_streaming,
     collate_labeled,
     collate_unlabeled,
@@ -127,6 +128,8 @@ def load_data(args: TrainingArguments) -> DataBundle:
         name = os.path.basename(os.path.normpath(args.train_images))
     if val is None:  # hold out 10 % of the training images, deterministically
         val, train = split_labeled_unlabeled(train, labeled_percent=10.0, fold=0, seed=12345)
+    val = align_categories(val, train, "the validation set")
+    test = None if test is None else align_categories(test, train, "the test set")
     labeled, unlabeled = train, None
     if args.labeled_ids_file or args.labeled_percent < 100:
         labeled, unlabeled = split_labeled_unlabeled(
