@@ -437,6 +437,55 @@ def test_validation_and_test_sets_with_other_category_ids_are_scored_in_the_trai
         assert split["objects"][:20] == train["objects"][:20]  # same boxes, same labels as the training json's
 
 
+@pytest.mark.skipif(not (BCCD / "annotations.json").is_file(), reason="BCCD not available")
+def oracle_records(labels: list[dict], results: list[dict]) -> list[dict]:
+    """Prediction records that are the batch's own ground truth (score 1): AP 1 on every image that was read."""
+    from sparse_semi_detr_hf.box_ops import box_cxcywh_to_xyxy
+
+    records = []
+    for label in labels:
+        height, width = label["orig_size"].tolist()
+        boxes = box_cxcywh_to_xyxy(label["boxes"]) * torch.tensor([width, height, width, height])
+        records.append({"image_id": int(label["image_id"]), "boxes": boxes, "labels": label["class_labels"],
+                        "scores": torch.ones(len(boxes))})
+    return records
+
+
+def test_unreadable_validation_images_are_left_out_of_the_evaluation_and_the_picture(tmp_path, caplog, monkeypatch):
+    """Bugs fixed: an unreadable validation image (skipped when decoding) still counted its boxes as misses, which
+    lowered the AP (BCCD: 0.217 instead of 0.260 on the same readable images); and one among the pictured
+    validation images crashed the run after training, before results.json was written."""
+    coco = json.loads((BCCD / "annotations.json").read_text())
+    images = coco["images"][:6]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image in images:
+        (folder / image["file_name"]).write_bytes((BCCD / "images" / image["file_name"]).read_bytes())
+    broken = images[1]
+    (folder / broken["file_name"]).write_bytes((BCCD / "images" / broken["file_name"]).read_bytes()[:2000])
+
+    def annotations(name: str, keep: list[dict]) -> str:
+        ids = {im["id"] for im in keep}
+        subset = dict(coco, images=keep, annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
+        (tmp_path / name).write_text(json.dumps(subset))
+        return str(tmp_path / name)
+
+    flags = [*TINY_MODEL, "--preset", "synthetic", "--train_images", str(BCCD / "images"), "--train_annotations",
+             str(BCCD / "annotations.json"), "--labeled_percent", "50", "--max_steps", "1", "--eval_steps", "100",
+             "--checkpointing_steps", "100", "--val_images", str(folder), "--detection_picture_images", "6",
+             "--val_annotations", annotations("all.json", images), "--output_dir", str(tmp_path / "run")]
+    trainer = SemiSupervisedTrainer(parse(*flags))
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING):
+        patch.setattr(SemiSupervisedTrainer, "_prediction_records", staticmethod(oracle_records))
+        metrics = trainer.evaluate({"teacher": trainer.teacher.model}, ONE_TO_ONE)["teacher"]
+    assert "1 of 6 evaluation images could not be read" in caplog.text
+    assert metrics["AP"] > 0.99  # the 5 readable images, perfectly detected (the broken one's boxes not misses)
+    results = trainer.train()  # the picture of the 6 validation images leaves the broken one out
+    assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "teacher_detections.png").is_file()
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["final"]["teacher"] == saved["final"]["teacher"]
+
+
 # ---------------------------------------------------------------------------------------------- results a user sees
 def test_start_evaluation_test_set_and_detection_picture(tmp_path, synthetic_cache):
     """From a trained model: evaluated before the first step (student = teacher, one evaluation), the held-out

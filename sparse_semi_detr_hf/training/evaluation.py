@@ -44,6 +44,14 @@ def coco_ground_truth_from_dataset(ds: Dataset) -> dict:
     return {"info": {}, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
 
 
+def restrict_to_images(coco_gt: dict, image_ids: set[int]) -> dict:
+    """``coco_gt`` with only the images in ``image_ids`` and their annotations (a shallow copy; ``coco_gt`` itself
+    is left as it is)."""
+    images = [im for im in coco_gt["images"] if im["id"] in image_ids]
+    annotations = [a for a in coco_gt["annotations"] if a["image_id"] in image_ids]
+    return {**coco_gt, "images": images, "annotations": annotations}
+
+
 def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 

@@ -41,7 +41,7 @@ from .data import (
     load_unlabeled_images,
     split_labeled_unlabeled,
 )
-from .evaluation import coco_ground_truth_from_dataset, evaluate_detections
+from .evaluation import coco_ground_truth_from_dataset, evaluate_detections, restrict_to_images
 from .visualize import save_detection_grid
 from .hub import HubUploader, build_model_card
 from .secrets import looks_like_local_path
@@ -301,6 +301,18 @@ def _to_device(batch, device):
     return batch
 
 
+def _readable_ground_truth(coco_gt: dict, evaluated: set[int]) -> dict:
+    """``coco_gt`` without the images that could not be read (none of them has a prediction record): their boxes
+    would count as misses and lower the AP of a model that never saw them."""
+    if len(evaluated) == len(coco_gt["images"]):
+        return coco_gt
+    missing = sorted(im["id"] for im in coco_gt["images"] if im["id"] not in evaluated)
+    logger.warning("%d of %d evaluation images could not be read (image ids %s%s; the decode warnings name the "
+                   "files): they are left out of this evaluation", len(missing), len(coco_gt["images"]),
+                   missing[:5], " ..." if len(missing) > 5 else "")
+    return restrict_to_images(coco_gt, evaluated)
+
+
 class SemiSupervisedTrainer:
     """Teacher-student training loop. ``hub_api`` is injectable (tests pass a fake client)."""
 
@@ -558,8 +570,9 @@ class SemiSupervisedTrainer:
         metrics, coco_gt = {}, self.coco_gt if coco_gt is None else coco_gt
         for name, predictions in self.predict(detectors, stage, dataset).items():
             unique = {p["image_id"]: p for p in gather_object(predictions)}
-            result = [evaluate_detections(coco_gt, list(unique.values()))] if self.accelerator.is_main_process \
-                else [None]
+            result = [None]
+            if self.accelerator.is_main_process:
+                result = [evaluate_detections(_readable_ground_truth(coco_gt, set(unique)), list(unique.values()))]
             broadcast_object_list(result)
             metrics[name] = result[0]
         return metrics
@@ -678,9 +691,10 @@ class SemiSupervisedTrainer:
         if test is not None:
             results["test"] = test
         self.export_final(record["teacher"])
+        if self.accelerator.is_main_process:
+            self._write_results(results)  # before the picture: nothing after the last evaluation may cost it
         self.write_detection_picture(os.path.join(self.args.output_dir, "teacher_detections.png"))
         if self.accelerator.is_main_process:
-            self._write_results(results)
             if self.uploader is not None:  # written first: a hanging upload must not cost the results
                 results["hub_upload_ok"] = self.uploader.finish(timeout=self.args.hub_upload_timeout)
                 results["hub_errors"] = list(self.uploader.errors)

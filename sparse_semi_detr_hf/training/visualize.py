@@ -1,19 +1,23 @@
 """A picture of detections beside the ground truth (what a user looks at first after a run)."""
 
-import io
+import logging
 
 import PIL.Image
 import PIL.ImageDraw
+import torchvision.transforms.v2.functional as TF
+from datasets import Image as ImageFeature
+
+from .data import _DECODE_ERRORS, decode_image
+
+logger = logging.getLogger(__name__)
 
 GROUND_TRUTH_COLOUR = (40, 200, 60)
 DETECTION_COLOUR = (235, 50, 40)
 
 
 def _image(row: dict) -> PIL.Image.Image:
-    image = row["image"]
-    if isinstance(image, dict):  # datasets Image feature without decoding
-        image = PIL.Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
-    return image.convert("RGB")
+    """The row's image as training and evaluation decode it (``decode_image``: EXIF orientation applied, RGB)."""
+    return TF.to_pil_image(decode_image(row["image"]))
 
 
 def _draw_boxes(image: PIL.Image.Image, boxes, texts, colour, scale: float) -> PIL.Image.Image:
@@ -31,11 +35,16 @@ def save_detection_grid(dataset, predictions: list[dict], id2label: dict, path: 
                         scale: float = 2.0) -> PIL.Image.Image:
     """One row per image of ``dataset`` (common detection schema): ground truth (green) | detections with score
     >= ``threshold`` (red, ``label score``). ``predictions``: records ``{image_id, boxes (n, 4) xyxy original
-    pixels, scores (n,), labels (n,)}``, matched to the rows by ``image_id``. Saved as PNG at ``path``."""
+    pixels, scores (n,), labels (n,)}``, matched to the rows by ``image_id``. Saved as PNG at ``path``. Images that
+    cannot be read are left out with a warning."""
     by_id = {int(p["image_id"]): p for p in predictions}
     rows = []
-    for row in dataset:
-        image = _image(row)
+    for row in dataset.cast_column("image", ImageFeature(decode=False)):
+        try:
+            image = _image(row)
+        except _DECODE_ERRORS as error:  # an unreadable image is left out of the picture, as out of the evaluation
+            logger.warning("detection picture: image %s could not be read (%s); left out", row["image_id"], error)
+            continue
         objects = row["objects"]
         gt_boxes = [(x, y, x + w, y + h) for x, y, w, h in objects["bbox"]]
         truth = _draw_boxes(image, gt_boxes, [id2label[int(c)] for c in objects["category"]], GROUND_TRUTH_COLOUR,
