@@ -22,8 +22,8 @@ from conftest import tiny_config_kwargs
 from sparse_semi_detr_hf import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection
 from sparse_semi_detr_hf.loss import SetCriterion
 from sparse_semi_detr_hf.training import step
-from sparse_semi_detr_hf.training.arguments import TrainingArguments
-from sparse_semi_detr_hf.training.data import dataset_id2label, load_coco_folder
+from sparse_semi_detr_hf.training.arguments import PRESETS, TrainingArguments
+from sparse_semi_detr_hf.training.data import dataset_id2label, load_coco_folder, split_labeled_unlabeled
 from sparse_semi_detr_hf.training.step import ONE_TO_MANY, ONE_TO_ONE
 from sparse_semi_detr_hf.training.trainer import SemiSupervisedTrainer, load_data
 
@@ -484,6 +484,37 @@ def test_unreadable_validation_images_are_left_out_of_the_evaluation_and_the_pic
     assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "teacher_detections.png").is_file()
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["final"]["teacher"] == saved["final"]["teacher"]
+
+
+@pytest.mark.skipif(not (BCCD / "annotations.json").is_file(), reason="BCCD not available")
+def test_labeled_split_defaults_and_the_validation_hold_out(tmp_path, caplog):
+    """Bugs fixed: (1) with --unlabeled_images the preset's 10 % silently dropped 90 % of a fully annotated set:
+    every annotated image is labeled now unless --labeled_percent is given, and dropped images are warned about
+    (also with --supervised_only); (2) --labeled_ids_file without a validation set failed ('labeled ids are not
+    in the dataset') when the automatic 10 % hold-out took one of the listed images."""
+    coco = json.loads((BCCD / "annotations.json").read_text())
+    common = [*TINY_MODEL, "--preset", "synthetic", "--train_images", str(BCCD / "images"), "--train_annotations",
+              str(BCCD / "annotations.json"), "--output_dir", str(tmp_path)]
+    folder = ["--unlabeled_images", str(BCCD / "images")]
+    assert parse(*common, *folder).labeled_percent == 100.0
+    assert parse(*common, *folder, "--labeled_percent", "20").labeled_percent == 20.0
+    assert parse(*common).labeled_percent == PRESETS["synthetic"]["labeled_percent"]
+    data = load_data(parse(*common, *folder))
+    assert len(data.labeled) + len(data.val) == len(coco["images"])
+    for extra in (folder + ["--labeled_percent", "20"], ["--supervised_only"]):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            load_data(parse(*common, *extra))
+        assert "are not used" in caplog.text and "--labeled_percent 100" in caplog.text
+    listed = [im["id"] for im in coco["images"]][:40]
+    (tmp_path / "ids.txt").write_text("\n".join(map(str, listed)))
+    data = load_data(parse(*common, "--labeled_ids_file", str(tmp_path / "ids.txt")))
+    assert sorted(data.labeled["image_id"]) == sorted(listed)
+    assert not set(data.val["image_id"]) & set(listed)
+    assert len(data.val) == round(0.1 * (len(coco["images"]) - len(listed)))  # 10 % of the images not listed
+    train = load_coco_folder(str(BCCD / "images"), str(BCCD / "annotations.json"))
+    held, _ = split_labeled_unlabeled(train, labeled_percent=10.0, fold=0, seed=12345)
+    assert load_data(parse(*common)).val["image_id"] == held["image_id"]  # without a list: the same hold-out
 
 
 # ---------------------------------------------------------------------------------------------- results a user sees

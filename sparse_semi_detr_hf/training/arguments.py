@@ -131,7 +131,8 @@ class TrainingArguments:
     test_annotations: str | None = field(default=None, metadata={"help": "COCO instances json of test_images."})
     labeled_percent: float | None = field(default=None, metadata={"help": "COCO-Partial: percent of the train "
                                                                             "set kept labeled; the rest is unlabeled "
-                                                                            "(100 = all labeled)."})
+                                                                            "(100 = all labeled; the default with "
+                                                                            "--unlabeled_images)."})
     fold: int = field(default=1, metadata={"help": "COCO-Partial fold (changes the split)."})
     labeled_ids_file: str | None = field(default=None, metadata={"help": "File of labeled image ids (overrides "
                                                                           "labeled_percent)."})
@@ -285,6 +286,8 @@ class TrainingArguments:
             if self.model_name_or_path is not None:
                 raise ValueError("demo_burnin and model_name_or_path both name a starting model; give one.")
             self.model_name_or_path = DEMO_BURNIN_DIR
+        if self.labeled_percent is None and self.unlabeled_images:  # the unlabeled images come from the folder:
+            self.labeled_percent = 100.0  # every annotated image is labeled (the preset's 10 % would drop 90 %)
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)

@@ -39,6 +39,7 @@ from .data import (
     hub_dataset_splits,
     load_hub_detection_dataset,
     load_unlabeled_images,
+    read_image_id_list,
     split_labeled_unlabeled,
 )
 from .evaluation import coco_ground_truth_from_dataset, evaluate_detections, restrict_to_images
@@ -126,8 +127,8 @@ def load_data(args: TrainingArguments) -> DataBundle:
         val = load_coco_folder(args.val_images, args.val_annotations) if args.val_images else None
         test = load_coco_folder(args.test_images, args.test_annotations) if args.test_images else None
         name = os.path.basename(os.path.normpath(args.train_images))
-    if val is None:  # hold out 10 % of the training images, deterministically
-        val, train = split_labeled_unlabeled(train, labeled_percent=10.0, fold=0, seed=12345)
+    if val is None:
+        val, train = hold_out_validation(train, args.labeled_ids_file)
     val = align_categories(val, train, "the validation set")
     test = None if test is None else align_categories(test, train, "the test set")
     labeled, unlabeled = train, None
@@ -135,6 +136,7 @@ def load_data(args: TrainingArguments) -> DataBundle:
         labeled, unlabeled = split_labeled_unlabeled(
             train, args.labeled_percent, fold=args.fold, labeled_ids=args.labeled_ids_file
         )
+        _report_split(args, len(labeled), len(train))
     if args.unlabeled_images:
         unlabeled = args.unlabeled_images if args.stream_unlabeled else load_unlabeled_images(args.unlabeled_images)
     if args.supervised_only:
@@ -146,6 +148,33 @@ def load_data(args: TrainingArguments) -> DataBundle:
         raise ValueError(f"the labeled images of {name} carry no box at all (an empty 'annotations' list?): "
                          "nothing to learn from")
     return DataBundle(labeled, unlabeled, val, dataset_id2label(train), name, test)
+
+
+def hold_out_validation(train, labeled_ids_file: str | None = None, percent: float = 10.0) -> tuple:
+    """``(val, train)``: ``percent`` of the training images held out for evaluation, deterministically; with
+    ``labeled_ids_file``, ``percent`` of the images it does not name (a listed image held out would be missing from
+    the labeled split)."""
+    listed = set(read_image_id_list(labeled_ids_file)) if labeled_ids_file else set()
+    ids = [int(i) for i in train["image_id"]]
+    candidates = train.select([row for row, image_id in enumerate(ids) if image_id not in listed])
+    val, _ = split_labeled_unlabeled(candidates, labeled_percent=percent, fold=0, seed=12345)
+    held = set(val["image_id"])
+    return val, train.select([row for row, image_id in enumerate(ids) if image_id not in held])
+
+
+def _report_split(args: TrainingArguments, labeled: int, annotated: int) -> None:
+    """Say how many annotated training images are labeled; warn when the others go unused (they would be the
+    unlabeled set, but ``--supervised_only`` drops it or ``--unlabeled_images`` replaces it)."""
+    rule = f"--labeled_ids_file {args.labeled_ids_file}" if args.labeled_ids_file else \
+        f"--labeled_percent {args.labeled_percent:g}"
+    if args.supervised_only or args.unlabeled_images:
+        why = "--supervised_only" if args.supervised_only else "--unlabeled_images"
+        logger.warning("%s keeps %d of the %d annotated training images labeled; the other %d are not used (with "
+                       "%s they are not the unlabeled set). Pass --labeled_percent 100 to train on all of them.",
+                       rule, labeled, annotated, annotated - labeled, why)
+    else:
+        logger.info("%s: %d of the %d annotated training images labeled, the other %d unlabeled", rule, labeled,
+                    annotated, annotated - labeled)
 
 
 def hub_datasets(args: TrainingArguments):
