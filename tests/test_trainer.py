@@ -221,6 +221,39 @@ def test_resume_gives_the_same_parameters(tmp_path, synthetic_cache, accumulatio
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["checkpoint-2", "checkpoint-3"]
 
 
+def test_resuming_from_the_final_checkpoint_keeps_its_evaluation(tmp_path, synthetic_cache):
+    """Bug fixed: the last step's checkpoint was saved before the final evaluation, so a run resumed from it to train
+    longer lost that evaluation: its history skipped the step and its best model could be replaced by a worse one
+    (results.json named step 3 best while best_model/ held step 6's model). Now the checkpoint follows it."""
+    common = ("--eval_steps", "100", "--checkpointing_steps", "100", "--pseudo_label_threshold", "0.0")
+    first = SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache, "--max_steps", "2", *common)).train()
+    assert [r["step"] for r in first["history"]] == [2]
+    again = SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache, "--max_steps", "2",
+                                            "--resume_from_checkpoint", "latest", *common)).train()
+    assert again["history"] == first["history"] and again["final"] == first["final"]  # nothing to train: as saved
+    longer = SemiSupervisedTrainer(tiny_args(tmp_path, synthetic_cache, "--max_steps", "3",
+                                             "--resume_from_checkpoint", "latest", *common)).train()
+    assert [r["step"] for r in longer["history"]] == [2, 3]
+    assert longer["history"][0] == first["history"][0]
+    best = max(longer["history"], key=lambda r: max(r["teacher"]["AP"], r["student"]["AP"]))
+    assert longer["best"]["step"] == best["step"]
+
+
+def test_evaluations_do_not_change_the_training(tmp_path, synthetic_cache):
+    """An evaluation restores the random state it found (its DataLoader draws a seed from torch's generator): the
+    weights after 3 steps are the same with an evaluation after every step as with none."""
+    common = ("--max_steps", "3", "--checkpointing_steps", "100", "--pseudo_label_threshold", "0.0")
+    runs = {}
+    for eval_steps in ("1", "100"):
+        trainer = SemiSupervisedTrainer(tiny_args(tmp_path / eval_steps, synthetic_cache, "--eval_steps", eval_steps,
+                                                  *common))
+        trainer.train()
+        runs[eval_steps] = _parameters(trainer)
+    assert len(trainer.state.history) == 1
+    _assert_same(runs["1"][0], runs["100"][0], "student")
+    _assert_same(runs["1"][1], runs["100"][1], "EMA teacher")
+
+
 def test_teacher_warmup_only_for_an_untrained_start(tmp_path, synthetic_cache):
     """The EMA warm-up would replace a loaded (burn-in) teacher by the student's first steps: it is on by default
     for a run from scratch, off with --model_name_or_path (the flag overrides both)."""

@@ -5,6 +5,7 @@ loops: teacher pass on the weak view, student pass on labeled + strong views, EM
 and teacher with COCO mAP, saves and resumes the training state, exports the best model and pushes it.
 """
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -12,10 +13,12 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from datasets import load_from_disk
@@ -330,6 +333,20 @@ def _to_device(batch, device):
     return batch
 
 
+@contextlib.contextmanager
+def preserved_random_state():
+    """Run the block, then restore the global random generators (Python, NumPy, torch on the CPU and every CUDA
+    device) as they were before it."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def _readable_ground_truth(coco_gt: dict, evaluated: set[int]) -> dict:
     """``coco_gt`` without the images that could not be read (none of them has a prediction record): their boxes
     would count as misses and lower the AP of a model that never saw them."""
@@ -524,7 +541,7 @@ class SemiSupervisedTrainer:
             progress.set_postfix({k: f"{values[k]:.3g}" for k in ("loss", "loss_sup", "loss_unsup") if k in values})
             self.accelerator.log(values, step=step)
         evaluate = step % args.eval_steps == 0 and step != args.max_steps
-        checkpoint = step % args.checkpointing_steps == 0 or step == args.max_steps
+        checkpoint = step % args.checkpointing_steps == 0 and step != args.max_steps  # the last: after its evaluation
         if evaluate or checkpoint:  # kept out of the training time per step
             _synchronize(self.accelerator.device)
             started = time.perf_counter()
@@ -561,8 +578,15 @@ class SemiSupervisedTrainer:
         """This process's share of ``dataset`` (default: the validation set; ``whole``: all of it, no collective
         call) -> each detector's predictions in original-image pixels.
 
-        ``detectors``: name -> model. Each batch is decoded once and run through every model.
+        ``detectors``: name -> model. Each batch is decoded once and run through every model. The random state
+        (Python, NumPy, torch) is put back afterwards: an evaluation does not change the training that follows (a
+        DataLoader draws its base seed from torch's generator), so the weights do not depend on ``--eval_steps``
+        and a run resumed from a checkpoint saved after an evaluation ends as an uninterrupted one.
         """
+        with preserved_random_state():
+            return self._predict(detectors, stage, dataset, whole)
+
+    def _predict(self, detectors: dict, stage: str, dataset, whole: bool) -> dict[str, list[dict]]:
         modes = {name: detector.training for name, detector in detectors.items()}
         predictions = {name: [] for name in detectors}
         for batch in self._val_batches(dataset, whole):
@@ -710,8 +734,18 @@ class SemiSupervisedTrainer:
                             threshold=self.args.detection_picture_threshold)
         logger.info("teacher detections on %d validation images: %s", len(subset), path)
 
-    def _finish(self, seconds_per_step: float) -> dict:
+    def _final_evaluation(self) -> dict:
+        """The evaluation of the last step, then its checkpoint, so a run resumed from that checkpoint (to train
+        longer) keeps it in its history and its best model; resumed with nothing left to train, the saved record."""
+        history = self.state.history
+        if history and history[-1]["step"] == self.state.step and self.state.step > 0:
+            return history[-1]
         record = self.evaluate_and_export()
+        self.checkpoints.save(self.accelerator, self.state.step, self.config)
+        return record
+
+    def _finish(self, seconds_per_step: float) -> dict:
+        record = self._final_evaluation()
         results = {"final": record, "best": self.state.best, "history": self.state.history,
                    "seconds_per_step": seconds_per_step, "steps": self.state.step, "args": self.args.to_dict(),
                    "last_logged": getattr(self, "last_logs", {}), "skipped_steps": self.state.skipped_steps,
