@@ -23,7 +23,10 @@ HIDE_PACKAGE = 'import sys\nsys.modules["sparse_semi_detr_hf"] = None\n'
 def workdir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("readme")
     save_tiny_model(folder / "outputs" / "sparse-semi-detr")
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(folder / "image.jpg")
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # stored 80 x 60, displayed rotated: 60 x 80 (a phone photo)
+    photo.save(folder / "image.jpg", exif=exif)
     return folder
 
 
@@ -54,3 +57,14 @@ def test_readme_block_runs(workdir, index, package_visible, request):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "not supported for object-detection" not in result.stderr
     assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+
+
+def test_readme_blocks_post_process_in_the_displayed_frame(workdir):
+    """Bug fixed: the blocks passed the stored size of an EXIF-rotated photo as ``target_sizes`` while the processor
+    decodes it as displayed, so the boxes came back in the wrong frame. The blocks decode it as displayed too."""
+    blocks = [b for b in BLOCKS if "target_sizes=[image.size[::-1]]" in b]
+    assert len(blocks) >= 2
+    for block in blocks:
+        result = _run(block + "\nprint('SIZE', image.size)\n", workdir, package_visible=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "SIZE (60, 80)" in result.stdout
