@@ -106,12 +106,25 @@ def test_bccd_loader_and_decoded_example(bccd):
     counts = np.bincount([c for o in bccd["objects"] for c in o["category"]], minlength=3)
     assert counts.tolist() == [4153, 372, 361]
     item = LabeledDetectionDataset(bccd, EvalTransform(SMALL_VIEWS))[0]
-    assert item["image"].shape == (3, 128, 171) and item["orig_size"] == (480, 640)
+    assert item["image"].shape == (3, 128, 170) and item["orig_size"] == (480, 640)
     assert item["boxes"].shape[0] == len(bccd[0]["objects"]["bbox"]) > 0
     box = bccd[0]["objects"]["bbox"][0]
-    scale = torch.tensor([171 / 640, 128 / 480] * 2)
+    scale = torch.tensor([170 / 640, 128 / 480] * 2)
     expected = torch.tensor([box[0], box[1], box[0] + box[2], box[1] + box[3]]) * scale
     torch.testing.assert_close(item["boxes"][0], expected, atol=1e-3, rtol=0)
+
+
+@needs_data
+def test_evaluation_view_equals_the_image_processor(bccd):
+    """Bug fixed: the evaluation view rounded the resized width (640 x 480 at 128: 171 px) where the exported image
+    processor truncates (170 px, DETR's rule), so the AP reported in training was not the exported model's."""
+    from sparse_semi_detr_hf import SparseSemiDetrImageProcessor
+
+    processor = SparseSemiDetrImageProcessor(size={"shortest_edge": 128, "longest_edge": 200})
+    batch = collate_labeled([LabeledDetectionDataset(bccd, EvalTransform(SMALL_VIEWS))[0]])
+    expected = processor(images=bccd[0]["image"], return_tensors="pt")["pixel_values"]
+    assert batch["pixel_values"].shape == expected.shape == (1, 3, 128, 170)
+    torch.testing.assert_close(batch["pixel_values"], expected, atol=1e-5, rtol=0)
 
 
 @needs_data

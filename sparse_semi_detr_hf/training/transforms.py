@@ -19,6 +19,8 @@ import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as F
 from torch import Tensor
 
+from ..image_processing_sparse_semi_detr import get_resize_output_size
+
 COLOUR_OPS = (
     "identity", "autocontrast", "equalize", "solarize", "colour", "contrast", "brightness", "sharpness", "posterize",
 )
@@ -228,9 +230,10 @@ def random_erase(image: Tensor, config: ViewConfig, rng: np.random.Generator) ->
 
 # ----------------------------------------------------------------------------------------------- geometry
 def resized_size(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
-    """``(h, w)`` after scaling the short side to ``short_side`` with the long side capped at ``max_size``."""
-    scale = min(short_side / min(height, width), max_size / max(height, width))
-    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+    """``(h, w)`` after scaling the short side to ``short_side`` with the long side capped at ``max_size``: the image
+    processor's rule (``get_resize_output_size``, sizes truncated as in DETR), so the evaluation during training
+    sees the pixels an exported model's processor gives (rounding instead made 640 x 480 at 128 one pixel wider)."""
+    return get_resize_output_size(height, width, short_side, max_size)
 
 
 def resize_view(view: View, size: tuple[int, int], min_size: float) -> View:
