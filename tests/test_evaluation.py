@@ -38,12 +38,30 @@ def gt_as_predictions(coco_gt: dict, shift: float = 0.0) -> list[dict]:
     return preds
 
 
-def direct_cocoeval(coco_gt: dict, predictions: list[dict]) -> np.ndarray:
+def hand_coco_results(predictions: list[dict]) -> list[dict]:
+    """COCO result list written out by hand from the raw arrays (xyxy -> xywh, score, category): an independent
+    reference, not ``predictions_to_coco_results``."""
+    results = []
+    for pred in predictions:
+        boxes = np.asarray(pred["boxes"], dtype=np.float64).reshape(-1, 4)
+        scores = np.asarray(pred["scores"], dtype=np.float64).reshape(-1)
+        labels = np.asarray(pred["labels"]).reshape(-1)
+        for i in range(len(boxes)):
+            x0, y0, x1, y1 = (float(v) for v in boxes[i])
+            results.append({"image_id": int(pred["image_id"]), "category_id": int(labels[i]),
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(scores[i])})
+    return results
+
+
+def direct_cocoeval(coco_gt: dict, predictions: list[dict], cat_ids: list[int] | None = None) -> np.ndarray:
+    """pycocotools run directly on the hand-built results (optionally restricted to ``cat_ids``)."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
         coco.dataset = {**coco_gt, "annotations": [dict(a) for a in coco_gt["annotations"]]}
         coco.createIndex()
-        evaluator = COCOeval(coco, coco.loadRes(predictions_to_coco_results(predictions)), iouType="bbox")
+        evaluator = COCOeval(coco, coco.loadRes(hand_coco_results(predictions)), iouType="bbox")
+        if cat_ids is not None:
+            evaluator.params.catIds = list(cat_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -90,6 +108,7 @@ def test_matches_direct_pycocotools(gt):
     expected = direct_cocoeval(gt, preds)
     np.testing.assert_allclose([metrics[k] for k in METRIC_NAMES], expected)
     assert 0.0 < metrics["AP"] < 1.0
+    assert predictions_to_coco_results(preds) == hand_coco_results(preds)
     assert "ignore" not in gt["annotations"][0]  # the caller's dict is not modified
 
 
@@ -114,6 +133,24 @@ def test_crowd_regions_are_ignored():
 def test_unknown_image_and_per_class(gt):
     with pytest.raises(ValueError, match="not in the ground truth"):
         evaluate_detections(gt, [{"image_id": 10**9, "boxes": [[0, 0, 1, 1]], "scores": [1.0], "labels": [0]}])
-    metrics = evaluate_detections(gt, gt_as_predictions(gt), per_class=True)
+    perfect = evaluate_detections(gt, gt_as_predictions(gt), per_class=True)
     present = {gt["categories"][a["category_id"]]["name"] for a in gt["annotations"]}
-    assert all(metrics["per_class"][name] == pytest.approx(1.0) for name in present)
+    assert all(perfect["per_class"][name] == pytest.approx(1.0) for name in present)
+
+
+def test_per_class_ap_matches_pycocotools_per_category(gt):
+    """Per-class AP differs between classes (class 0 perfect, class c misplaces a growing share of its boxes) and
+    each equals pycocotools run directly with ``params.catIds = [c]``."""
+    preds = gt_as_predictions(gt)
+    seen = {}
+    for pred in preds:
+        for i, label in enumerate(pred["labels"].tolist()):
+            seen[label] = seen.get(label, 0) + 1
+            if label > 0 and seen[label] % 10 < label:  # class c: about c/10 of its boxes moved off the object
+                pred["boxes"][i] += 60.0
+    metrics = evaluate_detections(gt, preds, per_class=True)["per_class"]
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    expected = {names[c]: float(direct_cocoeval(gt, preds, cat_ids=[c])[0]) for c in names}
+    assert metrics == pytest.approx(expected)
+    assert expected[names[0]] == pytest.approx(1.0)
+    assert expected[names[9]] < 0.3 and len({round(v, 3) for v in expected.values()}) >= 8  # the classes differ
