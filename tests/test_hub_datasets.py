@@ -97,9 +97,26 @@ def test_xyxy_boxes_train_with_the_flag_and_stop_without_it(tmp_path, xyxy_datas
         load_data(_args(tmp_path / "wrong", xyxy_dataset))
     args = _args(tmp_path / "right", xyxy_dataset, "--bbox_format", "xyxy")
     data = load_data(args)
-    first = data.labeled[0]["objects"]["bbox"][0]
-    assert first[2] > 0 and first[3] > 0 and first[0] + first[2] <= data.labeled[0]["width"]
+    known = {index: objects["bbox"] for index, objects in enumerate(_rows(24, 0, "xywh")["objects"])}  # same draws
+    checked = 0
+    for split in (data.labeled, data.unlabeled, data.val):
+        for row in split:  # every box is exactly the xywh box of the same rectangle
+            np.testing.assert_allclose(row["objects"]["bbox"], known[row["image_id"]], rtol=0, atol=1e-6)
+            checked += 1
+    assert checked == 24
     assert SemiSupervisedTrainer(args).train()["steps"] == 2
+
+
+def test_xyxy_boxes_are_converted():
+    """xyxy boxes read with bbox_format="xyxy" become exactly the xywh boxes of the same rectangles."""
+    rows = _rows(3, 2, "xyxy")
+    expected = _rows(3, 2, "xywh")["objects"]
+    assert rows["objects"][0]["bbox"] != expected[0]["bbox"]
+    ds = normalize_detection_dataset(Dataset.from_dict(rows, features=FEATURES), bbox_format="xyxy")
+    for row, objects in zip(ds, expected):
+        np.testing.assert_allclose(row["objects"]["bbox"], objects["bbox"], rtol=0, atol=1e-6)
+    x0, y0, x1, y1 = rows["objects"][0]["bbox"][0]  # and by hand, for one box
+    np.testing.assert_allclose(ds[0]["objects"]["bbox"][0], [x0, y0, x1 - x0, y1 - y0], rtol=0, atol=1e-6)
 
 
 def test_cxcywh_boxes_are_converted():

@@ -363,22 +363,85 @@ def test_rpf_one_to_one_needs_scores():
         SetCriterion(make_config())(logits, boxes, targets, use_rpf=True)
 
 
+DISTRIBUTED_SIZES = ((3, 1), (6, 4))  # per rank: 4 and 10 boxes, so the mean (7) is neither rank's own count
+
+
+def _one_to_many_weight_sums(criterion: SetCriterion, inputs: dict) -> dict[str, float]:
+    """Local sum of the one-to-many soft weights of each prediction set, by loss-key suffix."""
+    logits, boxes = inputs["layer_logits"].detach(), inputs["layer_boxes"].detach()
+    sets = {("" if layer == len(logits) - 1 else f"_{layer}"): (logits[layer], boxes[layer])
+            for layer in range(len(logits))}
+    sets["_enc"] = (inputs["enc_logits"].detach(), inputs["enc_boxes"].detach())
+    return {suffix: float(sum(a.weight.sum() for a in one_to_many_assign(*pair, inputs["targets"], **criterion.o2m)))
+            for suffix, pair in sets.items()}
+
+
+def _distributed_worker(rank: int, world_size: int, init_file: str, out_file: str) -> None:
+    """One gloo process: losses alone (no process group), then inside a ``world_size`` group; saved to a file."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    criterion = SetCriterion(make_config())
+    inputs = full_inputs(10 + rank, DISTRIBUTED_SIZES[rank])
+    assignments = ("one_to_one", "one_to_many")
+    alone = {a: criterion(**inputs, assignment=a) for a in assignments}
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        grouped = {a: criterion(**inputs, assignment=a) for a in assignments}
+    finally:
+        dist.destroy_process_group()
+    torch.save({"alone": alone, "grouped": grouped, "num_boxes": sum(DISTRIBUTED_SIZES[rank]),
+                "weights": _one_to_many_weight_sums(criterion, inputs)}, out_file)
+
+
 def test_num_boxes_is_all_reduced_when_distributed_is_initialized(tmp_path):
+    """Two gloo processes with 4 and 10 boxes: every loss of each rank is divided by the MEAN over ranks (of
+    ``num_boxes``, and of each set's one-to-many weight sum), i.e. equals its single-process value times
+    ``local / mean``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
-    criterion = SetCriterion(make_config())
-    inputs = full_inputs(10)
-    alone = criterion(**inputs)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    except (RuntimeError, ValueError) as error:  # no usable network interface for gloo in this sandbox
-        pytest.skip(f"gloo unavailable: {error}")
-    try:
-        grouped = criterion(**inputs, assignment="one_to_one")
-        o2m = criterion(**inputs, assignment="one_to_many")
-    finally:
-        dist.destroy_process_group()
-    for key in alone:
-        torch.testing.assert_close(grouped[key], alone[key])
-    assert set(o2m) == set(alone)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    outs = [tmp_path / f"rank{rank}.pt" for rank in range(2)]
+    procs = [subprocess.Popen([sys.executable, __file__, str(rank), "2", str(tmp_path / "store"), str(out)],
+                              cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for rank, out in enumerate(outs)]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    no_gloo = any("gloo" in e.lower() and "interface" in e.lower() for e in errors)
+    if any(proc.returncode for proc in procs) and no_gloo:
+        pytest.skip(f"gloo unavailable: {errors[0][-500:]}")
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(e[-3000:] for e in errors)
+    ranks = [torch.load(out, weights_only=False) for out in outs]
+    mean_boxes = sum(r["num_boxes"] for r in ranks) / 2
+    assert mean_boxes == 7.0
+    for r in ranks:
+        assert set(r["grouped"]["one_to_one"]) == set(r["alone"]["one_to_one"])
+        for key, value in r["grouped"]["one_to_one"].items():  # matched and denoising: all / num_boxes
+            torch.testing.assert_close(value, r["alone"]["one_to_one"][key] * r["num_boxes"] / mean_boxes)
+        for key, value in r["grouped"]["one_to_many"].items():
+            suffix = key.split("loss_")[1].partition("_")[2]
+            suffix = "_" + suffix if suffix else ""
+            if suffix.startswith("_dn"):
+                local, mean = r["num_boxes"], mean_boxes
+            else:
+                local = max(1.0, r["weights"][suffix])
+                mean = max(1.0, sum(other["weights"][suffix] for other in ranks) / 2)
+                assert abs(local - mean) > 0.1, key  # the ranks' normalisers differ
+            torch.testing.assert_close(value, r["alone"]["one_to_many"][key] * local / mean,
+                                       msg=lambda m, key=key: f"{key}: {m}")
+
+
+if __name__ == "__main__":  # _distributed_worker, run by the test above: rank world_size init_file out_file
+    import sys
+
+    _distributed_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

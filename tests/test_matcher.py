@@ -348,10 +348,41 @@ def test_joint_rpf_gives_k_positives_when_m_predictions_are_near(near):
     assert int(duplicate.sum()) == 2 and not duplicate[near:].any()  # the other 2 of the 6 matched: duplicates
     (baseline,) = one_to_many_assign(logits, boxes, targets, topk=4)
     assert len(baseline.pred_idx) == 4
-    # the separately matched reading gives fewer here (copies pick the same predictions)
-    ((separate, _),) = rpf_assign(logits, boxes, targets, groups=6, topk=4, joint=False,
-                                  generator=torch.Generator().manual_seed(0))
-    assert len(separate.pred_idx) <= 4
+
+
+def one_best_prediction_problem():
+    """One pseudo-box; p0 exactly on it and confident, p1..p7 just off it and less confident, p8..p11 far."""
+    box = torch.tensor([[0.5, 0.5, 0.3, 0.3]])
+    offsets = torch.tensor([[0.0, 0.0], [0.01, 0.0], [-0.01, 0.0], [0.0, 0.01], [0.0, -0.01], [0.015, 0.015],
+                            [-0.015, 0.015], [0.015, -0.015]])
+    near = torch.cat([box[:, :2] + offsets, box[:, 2:].expand(8, 2)], dim=1)
+    far = torch.tensor([[0.05 + 0.09 * i, 0.05, 0.04, 0.04] for i in range(4)])
+    logits = torch.full((1, 12, 2), -4.0)
+    logits[0, 0, 0] = 4.0
+    logits[0, 1:8, 0] = 1.0
+    targets = [{"class_labels": torch.tensor([0]), "boxes": box, "scores": torch.tensor([0.9])}]
+    return logits, torch.cat([near, far])[None], targets
+
+
+def test_separate_rpf_gives_fewer_positives_than_joint_when_copies_pick_one_prediction():
+    """Unjittered copies (jitter 0) matched separately all pick the best prediction p0: one candidate, one
+    positive, no duplicate (and no fallback to the baseline's top-k). Matched jointly, the 6 copies take 6
+    distinct near predictions: 4 positives (top-k) and 2 duplicates."""
+    logits, boxes, targets = one_best_prediction_problem()
+    kwargs = dict(groups=6, jitter=0.0)
+    (separate,) = rpf_candidates(logits, boxes, targets, joint=False, generator=torch.Generator().manual_seed(0),
+                                 **kwargs)
+    (joint,) = rpf_candidates(logits, boxes, targets, joint=True, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert separate[:, 0].nonzero().flatten().tolist() == [0]
+    assert int(joint.sum()) == 6 and set(joint[:, 0].nonzero().flatten().tolist()) <= set(range(8))
+    ((alone, alone_duplicate),) = rpf_assign(logits, boxes, targets, topk=4, joint=False,
+                                             generator=torch.Generator().manual_seed(0), **kwargs)
+    assert alone.pred_idx.tolist() == [0] and alone.tgt_idx.tolist() == [0] and not alone_duplicate.any()
+    ((together, together_duplicate),) = rpf_assign(logits, boxes, targets, topk=4, joint=True,
+                                                   generator=torch.Generator().manual_seed(0), **kwargs)
+    assert len(together.pred_idx) == 4 and 0 in together.pred_idx.tolist() and int(together_duplicate.sum()) == 2
+    positives_and_duplicates = set(together.pred_idx.tolist()) | set(together_duplicate.nonzero()[:, 0].tolist())
+    assert positives_and_duplicates == set(joint[:, 0].nonzero().flatten().tolist())
 
 
 def _positives_per_box(assignment, num_boxes: int) -> list[int]:

@@ -139,7 +139,9 @@ def test_save_and_load_give_identical_logits(tmp_path):
 def test_modules_missing_from_a_checkpoint_get_fresh_norm_statistics(tmp_path, query_mode):
     """Bug fixed: a supervised model loaded with a query module left that module's BatchNorm running statistics as
     uninitialized memory (running_var ~ -1e34, num_batches_tracked ~ 1e14 measured), so Semi-DETR runs started
-    from a supervised burn-in went NaN at the first batch with a single pseudo-box (running statistics used)."""
+    from a supervised burn-in went NaN at the first batch with a single pseudo-box (running statistics used).
+    cross_view: every BatchNorm buffer of the query module equals a fresh model's; refined (LayerNorm only, no
+    buffers): its norms' weights and biases are the initial 1 and 0 and all its parameters are finite."""
     make_model(query_mode="none").save_pretrained(tmp_path)
     config = SparseSemiDetrConfig(**tiny_config_kwargs(query_mode=query_mode))
     loaded = SparseSemiDetrForObjectDetection.from_pretrained(tmp_path, config=config)
@@ -149,7 +151,21 @@ def test_modules_missing_from_a_checkpoint_get_fresh_norm_statistics(tmp_path, q
     for name, buffer in loaded.named_buffers():
         torch.testing.assert_close(buffer, buffers[name], atol=0, rtol=0, msg=name)
         checked += "query_module" in name and "running_var" in name
-    assert checked >= (2 if query_mode == "cross_view" else 0)
+    norms = [(name, module) for name, module in fresh.model.query_module.named_modules()
+             if isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm))]
+    batch_norms = [name for name, module in norms if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    assert checked == len(batch_norms)  # every BatchNorm of the missing module was compared
+    if query_mode == "cross_view":
+        assert len(batch_norms) >= 2
+    else:  # the refined module normalizes with LayerNorm only: no running statistics (no buffers) to check, so
+        # check instead that its norms' affine parameters are fresh (weight 1, bias 0), not uninitialized memory
+        assert not batch_norms and not list(fresh.model.query_module.buffers()) and norms
+    loaded_params = dict(loaded.model.query_module.named_parameters())
+    for name, module in norms:
+        for key, value in ((f"{name}.weight", 1.0), (f"{name}.bias", 0.0)):
+            torch.testing.assert_close(loaded_params[key].detach(), torch.full_like(loaded_params[key], value),
+                                       atol=0, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+    assert all(torch.isfinite(value).all() for value in loaded_params.values())
 
 
 def test_class_heads_remade_for_a_new_label_set_start_at_the_focal_prior(tmp_path):

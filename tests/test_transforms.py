@@ -1,5 +1,7 @@
 """Box-aware views: the kept 3x3 matrices, the warped pixels and the boxes must agree."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from sparse_semi_detr_hf.training.transforms import (
     UnlabeledPairTransform,
     View,
     ViewConfig,
+    WeakTransform,
     apply_colour_op,
     flip_view,
     geometric_view,
@@ -60,9 +63,43 @@ def apply_point(matrix: torch.Tensor, x: float, y: float) -> torch.Tensor:
     return (matrix @ torch.tensor([x, y, 1.0], dtype=torch.float64))[:2]
 
 
+def resize_flip_matrix(config: ViewConfig, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Matrix of the resize + flip alone that ``rng``'s next draws give (a weak view consumes the same draws)."""
+    return WeakTransform(config)(image, None, None, rng).matrix
+
+
+def assert_op_applied(op: str, matrix: torch.Tensor, size: tuple[int, int], config: ViewConfig) -> None:
+    """``matrix`` (view -> view, on an ``h x w`` canvas) is not the identity and moves points as ``op`` does:
+    one common non-zero shift along x (translate_x) or y (translate_y); about the fixed centre, distances kept
+    (rotate) or not (shear)."""
+    h, w = size
+    points = [(0.0, 0.0), (w, 0.0), (0.3 * w, 0.8 * h), (w, h)]
+    moves = torch.stack([apply_point(matrix, x, y) - torch.tensor([x, y], dtype=torch.float64) for x, y in points])
+    assert moves.abs().max() > 1e-3, f"{op}: the sampled matrix is the identity"
+    if op.startswith("translate"):
+        axis = 0 if op == "translate_x" else 1
+        torch.testing.assert_close(moves, moves[:1].expand_as(moves), atol=1e-9, rtol=0)  # one shift everywhere
+        shift, across = moves[0, axis].abs(), moves[0, 1 - axis].abs()
+        assert across < 1e-9 and 1e-3 < shift <= config.translate_frac * size[1 - axis]
+        return
+    centre = torch.tensor([w / 2.0, h / 2.0], dtype=torch.float64)
+    torch.testing.assert_close(apply_point(matrix, *centre.tolist()), centre, atol=1e-9, rtol=0)
+    radii = [(torch.tensor(p, dtype=torch.float64) - centre).norm() for p in points]
+    moved = [(apply_point(matrix, *p) - centre).norm() for p in points]
+    linear = matrix[:2, :2]
+    if op == "rotate":
+        torch.testing.assert_close(torch.stack(moved), torch.stack(radii), atol=1e-9, rtol=0)
+        angle = math.degrees(math.atan2(float(linear[0, 1]), float(linear[0, 0])))
+        assert 1e-3 < abs(angle) <= config.rotate_degrees + 1e-9
+    else:  # shear: ShearX then ShearY, determinant 1 but not a rotation
+        assert abs(float(torch.linalg.det(linear)) - 1.0) < 1e-9 and float(linear[0, 0]) == pytest.approx(1.0)
+        assert max(abs(float(a - b)) for a, b in zip(moved, radii)) > 1e-3
+
+
 @pytest.mark.parametrize("op", GEOMETRIC_OPS)
 def test_matrix_moves_pixels_exactly(op):
-    """The centroid of a small blob lands where the view matrix sends the blob's centre (sub-pixel)."""
+    """The centroid of a small blob lands where the view matrix sends the blob's centre (sub-pixel); the view's
+    matrix, resize/flip taken off, is the op's (not the identity)."""
     transform = StrongTransform(geometry_only([op]))
     checked = 0
     for seed in range(25):
@@ -71,7 +108,11 @@ def test_matrix_moves_pixels_exactly(op):
         cx, cy = int(rng.integers(20, 60)), int(rng.integers(15, 45))
         image[:, cy - 2:cy + 2, cx - 2:cx + 2] = 255
         blob = torch.tensor([[cx - 2.0, cy - 2.0, cx + 2.0, cy + 2.0]])
+        replay = np.random.default_rng(seed)
+        replay.integers(20, 60), replay.integers(15, 45)
         view = transform(image, blob, torch.tensor([0]), rng)
+        geometric = view.matrix @ torch.linalg.inv(resize_flip_matrix(transform.config, image, replay))
+        assert_op_applied(op, geometric, view.size, transform.config)
         moved = transform_boxes(blob, view.matrix)[0]
         h, w = view.size
         if moved[0] < 1 or moved[1] < 1 or moved[2] > w - 1 or moved[3] > h - 1:
@@ -94,13 +135,20 @@ def test_half_pixel_error_would_be_caught():
 
 @pytest.mark.parametrize("op", GEOMETRIC_OPS)
 def test_weak_boxes_map_onto_strong_pixels(op):
-    """A weak-view box sent through ``weak_to_strong`` covers the rectangle's pixels in the strong view."""
-    transform = UnlabeledPairTransform(geometry_only([op]))
+    """A weak-view box sent through ``weak_to_strong`` covers the rectangle's pixels in the strong view; the strong
+    matrix, its resize/flip taken off, is the op's (not the identity)."""
+    config = geometry_only([op])
+    transform = UnlabeledPairTransform(config)
     compared = 0
     for seed in range(20):
         rng = np.random.default_rng(100 + seed)
         image, box = rectangle_image(rng)
         weak, strong, weak_to_strong = transform(image, box, torch.tensor([3]), rng)
+        replay = np.random.default_rng(100 + seed)
+        rectangle_image(replay)
+        torch.testing.assert_close(resize_flip_matrix(config, image, replay), weak.matrix)  # the weak draws
+        geometric = strong.matrix @ torch.linalg.inv(resize_flip_matrix(config, image, replay))
+        assert_op_applied(op, geometric, strong.size, config)
         torch.testing.assert_close(weak_to_strong @ weak.matrix, strong.matrix)
         assert len(weak.boxes) == 1
         torch.testing.assert_close(weak.boxes[0], pixel_box(weak.image), atol=1.5, rtol=0)
@@ -189,9 +237,26 @@ def test_random_erase_patches():
 
 
 def test_strong_view_changes_pixels_and_keeps_types():
-    image = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)
-    weak, strong, weak_to_strong = UnlabeledPairTransform(ViewConfig(**SMALL))(
-        image, torch.tensor([[10.0, 10.0, 40.0, 40.0]]), torch.tensor([2]), np.random.default_rng(0))
+    """Over several seeds the strong view's pixels differ from the same image after the same resize/flip alone
+    (colour op, geometric op, erasing applied); with identity colour, no erasing and a zero translation they do
+    not. Types and sizes are kept."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8, generator=generator)
+    box, label = torch.tensor([[10.0, 10.0, 40.0, 40.0]]), torch.tensor([2])
+    plain = ViewConfig(**SMALL, colour_ops=("identity",), erase_patches=(0, 0), geometric_ops=("translate_x",),
+                       translate_frac=0.0)
+    for seed in range(8):
+        for config, changed in ((ViewConfig(**SMALL), True), (plain, False)):
+            strong = StrongTransform(config)(image, box, label, np.random.default_rng(seed))
+            resized = WeakTransform(config)(image, box, label, np.random.default_rng(seed))  # same resize/flip
+            assert strong.size == resized.size and strong.image.dtype == torch.uint8
+            same = torch.equal(strong.image, resized.image)
+            assert same is not changed, f"seed {seed}: strong pixels {'equal' if same else 'differ from'} resized"
+            if not changed:
+                torch.testing.assert_close(strong.matrix, resized.matrix)
+                torch.testing.assert_close(strong.boxes, resized.boxes)
+    weak, strong, weak_to_strong = UnlabeledPairTransform(ViewConfig(**SMALL))(image, box, label,
+                                                                               np.random.default_rng(0))
     assert weak.image.dtype == strong.image.dtype == torch.uint8
     assert weak_to_strong.shape == (3, 3) and weak_to_strong.dtype == torch.float64
     assert min(weak.size) in SMALL["scales"] and min(strong.size) in SMALL["scales"]
