@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)  # what PIL raises for an unreadable image
 
 
 # ----------------------------------------------------------------------------------------------- schema
@@ -140,7 +140,7 @@ def _coco_images(coco: dict, images_dir: str, source: str) -> list[dict]:
         if "width" not in im or "height" not in im:  # read from the header (as displayed: EXIF orientation)
             try:
                 im["width"], im["height"] = _header_size(os.path.join(images_dir, im["file_name"]))
-            except _DECODE_ERRORS as err:
+            except DECODE_ERRORS as err:
                 logger.warning("skipping unreadable image %s (image_id %s, listed in %s): %s",
                                im["file_name"], im["id"], source, err)
                 continue
@@ -574,7 +574,7 @@ class _DecodingDataset(torch.utils.data.Dataset):
                 image = decode_image(row["image"])
                 check_declared_size(row, image)
                 return row, image
-            except _DECODE_ERRORS as err:
+            except DECODE_ERRORS as err:
                 self._bad.add(i)
                 logger.warning("skipping image %s (index %d, image_id %s): %s",
                                _image_name(row["image"]), i, row.get("image_id"), err)
@@ -645,7 +645,7 @@ class UnlabeledPairIterableDataset(torch.utils.data.IterableDataset):
             try:
                 image = decode_image(row["image"])
                 check_declared_size(row, image)
-            except _DECODE_ERRORS as err:
+            except DECODE_ERRORS as err:
                 logger.warning("skipping image %s (image_id %s): %s", _image_name(row["image"]),
                                row.get("image_id"), err)
                 continue

@@ -7,7 +7,7 @@ import PIL.ImageDraw
 import torchvision.transforms.v2.functional as TF
 from datasets import Image as ImageFeature
 
-from .data import _DECODE_ERRORS, decode_image
+from .data import DECODE_ERRORS, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def save_detection_grid(dataset, predictions: list[dict], id2label: dict, path: 
     for row in dataset.cast_column("image", ImageFeature(decode=False)):
         try:
             image = _image(row)
-        except _DECODE_ERRORS as error:  # an unreadable image is left out of the picture, as out of the evaluation
+        except DECODE_ERRORS as error:  # an unreadable image is left out of the picture, as out of the evaluation
             logger.warning("detection picture: image %s could not be read (%s); left out", row["image_id"], error)
             continue
         objects = row["objects"]
