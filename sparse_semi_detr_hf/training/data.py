@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)  # what PIL raises for an unreadable image
+# What PIL raises for an unreadable image (truncated, corrupt, not an image, too large).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
 
 
 # ----------------------------------------------------------------------------------------------- schema
