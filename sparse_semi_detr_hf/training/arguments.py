@@ -431,7 +431,7 @@ def parse_view_overrides(text: str | None) -> dict:
     (``a:b`` is a tuple; a single value of a tuple field becomes a one-element tuple)."""
     from .transforms import ViewConfig
 
-    tuple_fields = {"scales", "colour_ops", "geometric_ops"}
+    tuple_fields = {f.name for f in dataclasses.fields(ViewConfig) if isinstance(f.default, tuple)}
     result = parse_dataclass_overrides(text, ViewConfig, "view_overrides")
     return {key: (value,) if key in tuple_fields and not isinstance(value, tuple) else value
             for key, value in result.items()}

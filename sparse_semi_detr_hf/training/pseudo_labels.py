@@ -44,28 +44,24 @@ def select_pseudo_labels(
         ``B`` dicts with ``class_labels (n,) long``, ``boxes (n, 4)`` cxcywh normalized weak, ``scores (n,)``,
         sorted by decreasing score; all detached.
     """
-    _, num_queries, num_classes = logits.shape
-    scores = logits.detach().sigmoid().flatten(1)
-    # without NMS the top max_per_image pairs are the ones the cap keeps; with it, every pair is a candidate
-    pool = num_queries * num_classes if class_nms_iou is not None else min(max_per_image, num_queries * num_classes)
-    top_scores, top_index = scores.topk(pool, dim=1)
-    top_labels = top_index % num_classes
-    top_boxes = boxes.detach().gather(1, (top_index // num_classes).unsqueeze(-1).expand(-1, -1, 4))
+    num_classes = logits.shape[-1]
+    floor = min(threshold, STATS_SCORE_FLOOR) if mean_std_filter else threshold
     return [
-        _filter_image(scores_i, labels_i, boxes_i, threshold, class_nms_iou, mean_std_filter, max_per_image)
-        for scores_i, labels_i, boxes_i in zip(top_scores, top_labels, top_boxes)
+        _image_pseudo_labels(scores_i, boxes_i, num_classes, floor, threshold, class_nms_iou, mean_std_filter,
+                             max_per_image)
+        for scores_i, boxes_i in zip(logits.detach().sigmoid().flatten(1), boxes.detach())
     ]
 
 
-def _filter_image(
-    scores: Tensor, labels: Tensor, boxes: Tensor, threshold: float, class_nms_iou: float | None, mean_std: bool,
-    max_per_image: int,
-) -> dict[str, Tensor]:
-    """One image's candidates ``(k,), (k,), (k, 4)`` (sorted by score) -> its pseudo-label dict: score floor,
-    class-wise NMS, the ``max_per_image`` best, then τ (and mean + std), as Semi-DETR's ``multiclass_nms`` and
-    filter."""
-    keep = scores >= (min(threshold, STATS_SCORE_FLOOR) if mean_std else threshold)
-    scores, labels, boxes = scores[keep], labels[keep], boxes[keep]
+def _image_pseudo_labels(scores: Tensor, boxes: Tensor, num_classes: int, floor: float, threshold: float,
+                         class_nms_iou: float | None, mean_std: bool, max_per_image: int) -> dict[str, Tensor]:
+    """One image's ``(Q * C,)`` scores and ``(Q, 4)`` boxes -> its pseudo-label dict: the pairs at or above the
+    score ``floor`` sorted by score, class-wise NMS, the ``max_per_image`` best, then τ (and mean + std), as
+    Semi-DETR's ``multiclass_nms`` and filter. Only the candidates are sorted and gathered, not all ``Q * C``."""
+    index = torch.nonzero(scores >= floor).squeeze(1)
+    scores, order = scores[index].sort(descending=True, stable=True)
+    index = index[order]
+    labels, boxes = index % num_classes, boxes[index // num_classes]
     if class_nms_iou is not None and scores.numel() > 0:
         order = batched_nms(box_cxcywh_to_xyxy(boxes).float(), scores.float(), labels, class_nms_iou)
         scores, labels, boxes = scores[order], labels[order], boxes[order]  # still sorted by score
