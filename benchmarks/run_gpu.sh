@@ -2,7 +2,7 @@
 # The commands behind the GPU figures in docs/performance.md (run from the repository root on the GPU machine).
 # Usage: bash benchmarks/run_gpu.sh STAGE...
 #   stages: setup kernel bench semi (H100 figures), tests graphs profile syncs compilecheck (profile, CUDA graphs,
-#   host syncs, eager vs torch.compile outputs)
+#   host syncs, eager vs torch.compile outputs), bisect (which part / setting of torch.compile changes the outputs)
 # Wheels for packages the GPU image lacks (datasets, pycocotools, ...) are expected in .whl/ for `setup` and `semi`
 # only (see docs/performance.md); the other stages need torch, transformers, timm, scipy and triton alone.
 set -uo pipefail
@@ -39,5 +39,7 @@ for stage in "$@"; do
       timeout ${SYNCS_TIMEOUT:-100} python3 benchmarks/find_host_syncs.py --output "$OUT/host_syncs.json" 2>&1 | tail -40 ;;
     compilecheck)  # eager vs torch.compile (default, reduce-overhead) outputs on one fixed input, 2+2 layers
       timeout ${COMPILECHECK_TIMEOUT:-180} python3 benchmarks/profile_step.py --device cuda --skip phases,profiler --layers 2 --dtypes fp32 --compile_mode default,reduce-overhead --output_dir "$OUT/compile_check" 2>&1 | grep -v -E "^(STAGE|USDT)" | tail -12 ;;
+    bisect)  # torch.compile vs eager per attention path, compiler backend, compiled part and inductor layout setting
+      timeout ${BISECT_TIMEOUT:-420} python3 benchmarks/compile_bisect.py --device cuda --output "$OUT/compile_bisect.json" 2>&1 | grep -v -E "^(STAGE|USDT)" | tail -12 ;;
   esac
 done

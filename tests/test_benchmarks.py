@@ -347,3 +347,32 @@ def test_coco_subset_keeps_the_named_images_their_boxes_and_the_categories(tmp_p
     assert subset["categories"] == coco["categories"] and subset["info"] == coco["info"]
     with pytest.raises(ValueError, match="name no image"):
         coco_subset.coco_subset(coco, ["img_1", "img_9"])
+
+
+def test_compile_bisect_compares_each_variant_to_eager_of_its_attention_path(tmp_path):
+    bisect = _load("compile_bisect")
+    output = tmp_path / "bisect.json"
+    results = bisect.main(["--preset", "cpu_smoke", "--device", "cpu", "--variants",
+                           "whole/aot_eager/pytorch,whole/inductor/triton/no_padding", "--output", str(output)])
+    assert json.loads(output.read_text()) == results
+    traced, triton = results["variants"]
+    assert traced["difference_to_eager"]["memory"] == 0.0 and traced["difference_to_eager"]["logits"] == 0.0
+    assert traced["difference_to_eager"]["boxes_in_unit_range"] and "error" not in traced
+    assert triton["inductor_settings"] == {"comprehensive_padding": False} and "skipped" in triton
+    with pytest.raises(ValueError, match="part/backend/attention"):
+        bisect.parse_variant("whole/inductor")
+
+
+def test_compile_bisect_flags_boxes_a_sigmoid_cannot_give():
+    bisect = _load("compile_bisect")
+    import torch
+
+    reference = types.SimpleNamespace(logits=torch.zeros(1, 3, 2), pred_boxes=torch.full((1, 3, 4), 0.5),
+                                      encoder_last_hidden_state=torch.zeros(1, 5, 4))
+    wrong = types.SimpleNamespace(logits=torch.zeros(1, 3, 2), pred_boxes=reference.pred_boxes.clone(),
+                                  encoder_last_hidden_state=torch.ones(1, 5, 4))
+    wrong.pred_boxes[0, 1, 2] = 6.5
+    difference = bisect.compare(wrong, reference)
+    assert not difference["boxes_in_unit_range"] and difference["pred_boxes_min_max"] == [0.5, 6.5]
+    assert difference["pred_boxes"] == 6.0 and difference["memory"] == 1.0 and difference["sorted_scores"] == 0.0
+    assert bisect.compare(reference, reference)["boxes_in_unit_range"]
