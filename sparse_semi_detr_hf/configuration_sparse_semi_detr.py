@@ -70,6 +70,8 @@ class SparseSemiDetrConfig(PretrainedConfig):
         qrm_attention_heads (`int`, defaults to 8).
         qrm_attention_on (`str`, defaults to `"low"`): which set gets attention (`low|high|both|none`), Table 10.
         qrm_use_similarity (`bool`, defaults to `True`): similarity matching that refines and drops queries (Table 11).
+        qrm_mlp_projector (`bool`, defaults to `False`): the paper's "MLP" ablation (Table 5(c)): both RoI sets first
+            go through Semi-DETR's projector convolutions (conv3x3-BN-ReLU, twice); the paper found it worse.
         qrm_similarity_threshold (`float`, defaults to -1.0): queries whose best cosine similarity is below are dropped
             (-1 disables the threshold; partner collisions still drop duplicates).
         qrm_alignment_temperature (`float`, defaults to 0.1): temperature of the QRM's alignment (InfoNCE) loss.
@@ -157,6 +159,7 @@ class SparseSemiDetrConfig(PretrainedConfig):
         qrm_attention_heads: int = 8,
         qrm_attention_on: str = "low",
         qrm_use_similarity: bool = True,
+        qrm_mlp_projector: bool = False,
         qrm_similarity_threshold: float = -1.0,
         qrm_alignment_temperature: float = 0.1,
         qrm_alignment_loss_coefficient: float = 1.0,
@@ -229,6 +232,7 @@ class SparseSemiDetrConfig(PretrainedConfig):
         self.qrm_attention_heads = qrm_attention_heads
         self.qrm_attention_on = qrm_attention_on
         self.qrm_use_similarity = qrm_use_similarity
+        self.qrm_mlp_projector = qrm_mlp_projector
         self.qrm_similarity_threshold = qrm_similarity_threshold
         self.qrm_alignment_temperature = qrm_alignment_temperature
         self.qrm_alignment_loss_coefficient = qrm_alignment_loss_coefficient

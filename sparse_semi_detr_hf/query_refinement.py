@@ -238,17 +238,30 @@ def partner_alignment_loss(similarity: Tensor, temperature: float) -> Tensor:
     return -(log_probs * counted).sum() / counted.sum().clamp(min=1)
 
 
+def projector_convs(dim: int) -> nn.Sequential:
+    """Semi-DETR's ``Projector`` convolutions on RoI maps, ``(N, D, s, s) -> (N, D, s, s)``: conv3×3 (no bias),
+    BatchNorm2d, ReLU, twice."""
+    return nn.Sequential(
+        nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
+        nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
+    )
+
+
 class QueryRefinementModule(nn.Module):
     """Sparse Semi-DETR's Query Refinement Module (SPEC §3, steps 2-5) and its alignment loss (docs/method.md).
 
     Config fields: ``d_model``, ``qrm_reduced_dim``, ``qrm_attention_heads``, ``qrm_roi_size``,
     ``qrm_attention_on`` (``low|high|both|none``: which RoI set goes through ``RoiAttentionPool``; the other
-    is mean-pooled), ``qrm_use_similarity``, ``qrm_similarity_threshold``, ``qrm_alignment_temperature`` and
-    ``qrm_alignment_loss_coefficient`` (0: the alignment loss is not computed and returned as zero).
+    is mean-pooled), ``qrm_use_similarity``, ``qrm_similarity_threshold``, ``qrm_alignment_temperature``,
+    ``qrm_alignment_loss_coefficient`` (0: the alignment loss is not computed and returned as zero) and
+    ``qrm_mlp_projector`` (the paper's Table 5(c) ablation: each RoI set first goes through Semi-DETR's projector
+    convolutions, ``projector_convs``).
     """
 
     def __init__(self, config):
         super().__init__()
+        self.high_projector = projector_convs(config.d_model) if config.qrm_mlp_projector else None
+        self.low_projector = projector_convs(config.d_model) if config.qrm_mlp_projector else None
         self.use_similarity = config.qrm_use_similarity
         self.similarity_threshold = config.qrm_similarity_threshold
         self.alignment_temperature = config.qrm_alignment_temperature
@@ -283,6 +296,8 @@ class QueryRefinementModule(nn.Module):
                 f"high_rois, low_rois, batch_index and scores disagree on N: {num}, {low_rois.shape[0]}, "
                 f"{batch_index.shape[0]}, {scores.shape[0]}."
             )
+        if self.high_projector is not None:
+            high_rois, low_rois = self.high_projector(high_rois), self.low_projector(low_rois)
         low = self.low_encoder(low_rois)
         high = self.high_encoder(high_rois)
         if self.use_similarity:
@@ -363,10 +378,7 @@ class CrossViewProjector(nn.Module):
     def __init__(self, config):
         super().__init__()
         dim, self.roi_size = config.d_model, config.qrm_roi_size
-        self.convs = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
-            nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
-        )
+        self.convs = projector_convs(dim)
         self.fc = nn.Sequential(
             nn.Linear(dim * self.roi_size**2, CROSS_VIEW_HIDDEN_DIM), SmallBatchBatchNorm1d(CROSS_VIEW_HIDDEN_DIM),
             nn.ReLU(inplace=True), nn.Linear(CROSS_VIEW_HIDDEN_DIM, dim), nn.ReLU(inplace=True),

@@ -99,3 +99,14 @@ def test_pseudo_label_nms_and_mean_std_filter_are_method_flags():
     kwargs = args.model_config_kwargs()
     assert kwargs["one_to_many_nms_iou"] == 0.5 and kwargs["pseudo_label_mean_std_filter"] is True
     assert "one_to_many_nms_iou" not in parse().user_model_fields  # else the model config's value
+
+
+def test_qrm_mlp_projector_flag_reaches_the_model():
+    from sparse_semi_detr_hf import SparseSemiDetrConfig
+    from sparse_semi_detr_hf.query_refinement import QueryRefinementModule
+
+    kwargs = parse("--qrm_mlp_projector", "true").model_config_kwargs()
+    assert kwargs["qrm_mlp_projector"] is True and "qrm_mlp_projector" not in parse().model_config_kwargs()
+    config = SparseSemiDetrConfig(d_model=32, qrm_reduced_dim=16, qrm_attention_heads=4,
+                                  qrm_mlp_projector=kwargs["qrm_mlp_projector"])
+    assert QueryRefinementModule(config).low_projector is not None

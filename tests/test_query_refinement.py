@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.ops import roi_align
 
 from sparse_semi_detr_hf.configuration_sparse_semi_detr import SparseSemiDetrConfig
@@ -194,6 +195,32 @@ def test_qrm_gradients_reach_every_parameter(attention_on, use_similarity):
     for name, parameter in qrm.named_parameters():
         assert parameter.grad is not None, name
         assert parameter.grad.abs().sum() > 0, name
+
+
+def test_qrm_mlp_projector_runs_semi_detr_convs_on_both_roi_sets_first():
+    """Table 5(c)'s "MLP" arm: each RoI set goes through its own projector stack before the QRM branches."""
+    qrm = seeded_qrm(qrm_use_similarity=False, qrm_mlp_projector=True)
+    assert seeded_qrm().high_projector is None and seeded_qrm().low_projector is None
+    assert [type(m) for m in qrm.low_projector] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] * 2
+    high, low, batch_index, scores = qrm_inputs([3, 5])
+    out = qrm(high, low, batch_index, scores)
+    projected_low, projected_high = qrm.low_projector(low), qrm.high_projector(high)
+    expected = qrm.fuse(torch.cat([qrm.low_encoder(projected_low), qrm.high_encoder(projected_high)], dim=-1))
+    torch.testing.assert_close(out.content, expected)
+    plain = qrm.fuse(torch.cat([qrm.low_encoder(low), qrm.high_encoder(high)], dim=-1))
+    assert not torch.allclose(out.content, plain)
+    out.content.sum().backward()
+    for name, parameter in qrm.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("counts", [[0, 0], [1, 0]])
+def test_qrm_mlp_projector_with_zero_or_one_box(counts):
+    qrm = seeded_qrm(qrm_mlp_projector=True)
+    out = qrm(*qrm_inputs(counts))
+    assert out.content.shape == (sum(counts), D)
+    (out.content.sum() + out.alignment_loss).backward()
+    assert all(p.grad is not None for p in qrm.parameters())
 
 
 def test_qrm_images_do_not_interact():

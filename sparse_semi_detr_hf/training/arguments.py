@@ -74,8 +74,8 @@ METHOD_FIELDS = (
 MODEL_FIELDS = (
     "backbone", "backbone_frozen_stages", "freeze_backbone_batch_norm", "d_model", "encoder_layers",
     "decoder_layers", "num_queries", "num_denoising_queries", "num_detections", "query_mode", "qrm_attention_on",
-    "qrm_use_similarity", "qrm_similarity_threshold", "qrm_reduced_dim", "deformable_attention_backend",
-    *METHOD_FIELDS,
+    "qrm_use_similarity", "qrm_similarity_threshold", "qrm_reduced_dim", "qrm_mlp_projector",
+    "deformable_attention_backend", *METHOD_FIELDS,
 )
 
 QUERY_MODES = ("none", "cross_view", "refined")
@@ -240,6 +240,8 @@ class TrainingArguments:
     qrm_use_similarity: bool | None = field(default=None, metadata={"help": "QRM similarity step."})
     qrm_similarity_threshold: float | None = field(default=None, metadata={"help": "QRM similarity threshold."})
     qrm_reduced_dim: int | None = field(default=None, metadata={"help": "QRM reduced channels."})
+    qrm_mlp_projector: bool | None = field(default=None, metadata={
+        "help": "QRM ablation (paper Table 5(c)): Semi-DETR's projector convolutions on both RoI sets first."})
     consistency_loss_coefficient: float | None = field(default=None, metadata={"help": "Query consistency weight."})
     one_to_many_topk: int | None = field(default=None, metadata={"help": "One-to-many positives per target."})
     box_noise_scale: float | None = field(default=None, metadata={"help": "Denoising box noise."})
