@@ -27,6 +27,8 @@ def workdir(tmp_path_factory):
     exif = photo.getexif()
     exif[0x0112] = 6  # stored 80 x 60, displayed rotated: 60 x 80 (a phone photo)
     photo.save(folder / "image.jpg", exif=exif)
+    for name, shape in [("landscape.jpg", (60, 90, 3)), ("portrait.jpg", (100, 50, 3))]:  # the batching block
+        Image.fromarray(np.random.default_rng(1).integers(0, 255, shape, dtype=np.uint8)).save(folder / name)
     return folder
 
 

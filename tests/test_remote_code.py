@@ -132,3 +132,21 @@ def test_pipeline_batches_more_images_than_decoder_layers(tmp_path):
     for got, want in zip(batched, single):
         assert [d["label"] for d in got] == [d["label"] for d in want]
         np.testing.assert_allclose([d["score"] for d in got], [d["score"] for d in want], atol=1e-5)
+
+
+def test_pipeline_batches_images_of_different_sizes_on_a_fixed_canvas(tmp_path):
+    """transformers' pipeline cannot pad detection images of different sizes into one batch (its collate
+    concatenates ``pixel_values``; the same holds for its Deformable DETR); README's way: an image processor with
+    ``pad_size``. Batched detections equal one-by-one detections on the same canvas."""
+    save_tiny_model(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(str(tmp_path), pad_size={"height": 1333, "width": 1333})
+    detector = pipeline("object-detection", model=str(tmp_path), image_processor=processor, device="cpu")
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)) for shape in [(60, 80, 3), (90, 40, 3)]]
+    batched = detector(images, threshold=0.0, batch_size=2)
+    single = [detector(image, threshold=0.0) for image in images]
+    for got, want in zip(batched, single):
+        assert len(got) == len(want) > 0
+        assert [d["box"] for d in got] == [d["box"] for d in want]
+        np.testing.assert_allclose([d["score"] for d in got], [d["score"] for d in want], atol=1e-5)
+    assert all(d["box"]["xmax"] <= 40 and d["box"]["ymax"] <= 90 for d in batched[1])
