@@ -113,13 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_with_preset(parser: argparse.ArgumentParser, presets: dict, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; the ``--preset`` named there supplies defaults (``presets[name]``) that explicit flags
+    override. Shared by the benchmark scripts."""
+    preliminary, _ = parser.parse_known_args(argv)
+    if preliminary.preset:
+        parser.set_defaults(**presets[preliminary.preset])
+    return parser.parse_args(argv)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``argv``; a ``--preset`` supplies defaults that explicit flags override."""
     parser = build_parser()
-    preliminary, _ = parser.parse_known_args(argv)
-    if preliminary.preset:
-        parser.set_defaults(**PRESETS[preliminary.preset])
-    args = parser.parse_args(argv)
+    args = parse_with_preset(parser, PRESETS, argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     is_cuda = torch.device(args.device).type == "cuda"

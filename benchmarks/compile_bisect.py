@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
 import torch._inductor.config as inductor_config  # noqa: E402
 
-from bench_model import random_images  # noqa: E402
+from bench_model import parse_with_preset, random_images  # noqa: E402
 from sparse_semi_detr_hf import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection  # noqa: E402
 from sparse_semi_detr_hf.deformable_attention_triton import is_triton_available  # noqa: E402
 
@@ -60,10 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.add_argument(f"--{name}", type=type(value) if value is not None else str)
     parser.add_argument("--output", default="outputs/compile_bisect.json")
     parser.set_defaults(**DEFAULTS)
-    preliminary, _ = parser.parse_known_args(argv)
-    if preliminary.preset:
-        parser.set_defaults(**PRESETS[preliminary.preset])
-    args = parser.parse_args(argv)
+    args = parse_with_preset(parser, PRESETS, argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         args.variant_specs = {name: parse_variant(name) for name in args.variants.split(",") if name}

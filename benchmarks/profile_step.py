@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench_model import DTYPES, autocast_for, random_images, random_targets  # noqa: E402
+from bench_model import DTYPES, autocast_for, parse_with_preset, random_images, random_targets  # noqa: E402
 from sparse_semi_detr_hf import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection  # noqa: E402
 from sparse_semi_detr_hf.cuda_graphs import CudaGraphDetector  # noqa: E402
 
@@ -72,10 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="outputs/profile")
     parser.add_argument("--trace", action="store_true", help="also write a Chrome trace of batch-1 inference")
     parser.set_defaults(**DEFAULTS)
-    preliminary, _ = parser.parse_known_args(argv)
-    if preliminary.preset:
-        parser.set_defaults(**PRESETS[preliminary.preset])
-    args = parser.parse_args(argv)
+    args = parse_with_preset(parser, PRESETS, argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return args
 
