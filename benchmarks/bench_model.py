@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import gc
 import importlib
+import itertools
 import json
 import os
 import platform
@@ -504,19 +505,22 @@ def time_semi_step(args) -> dict:
     # Sparse Semi-DETR (refined queries + RPF) against Semi-DETR (cross-view queries, no RPF).
     modes = {"refined": dict(query_mode="refined", use_rpf=True),
              "cross_view": dict(query_mode="cross_view", use_rpf=False)}
-    for dtype in args.dtype_list:
-        for mode in args.semi_query_modes.split(","):
-            record = new_record("semi", Variant("ours", "auto"), dtype, (0, args.height, args.width))
-            record["model"] = f"ours semi step ({mode})"
-            print(f"- semi      {record['model']:<32} {dtype}", flush=True)
-            with guarded(record):
-                reset_memory(device)
-                step_fn, images_per_step = build(config_kwargs={**our_config_kwargs(args), **modes[mode]},
-                                                 device=device, height=args.height, width=args.width,
-                                                 autocast_dtype=DTYPES[dtype])
-                record["batch"] = images_per_step
-                finish_record(record, time_calls(step_fn, lambda: (), args.warmup, args.steps, device), device)
-            records.append(record)
+    for dtype, mode, backend in itertools.product(args.dtype_list, args.semi_query_modes.split(","),
+                                                  args.backend_list):
+        variant = Variant("ours", backend)
+        record = new_record("semi", variant, dtype, (0, args.height, args.width))
+        record["model"] = f"ours semi step ({mode}, {backend})"
+        print(f"- semi      {record['model']:<32} {dtype}", flush=True)
+        seen: set = set()
+        with guarded(record), attention_backend(backend):
+            reset_memory(device)
+            step_fn, images_per_step = build(config_kwargs={**our_config_kwargs(args), **modes[mode]},
+                                             device=device, height=args.height, width=args.width,
+                                             autocast_dtype=DTYPES[dtype])
+            record["batch"] = images_per_step
+            times = time_calls(step_fn, lambda: (), args.warmup, args.steps, device, backend_probe(seen))
+            finish_record(record, times, device, seen, variant)
+        records.append(record)
     return {"records": records}
 
 

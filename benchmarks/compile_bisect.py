@@ -48,7 +48,8 @@ ATTENTIONS = ("triton", "pytorch")
 VARIANTS = ("whole/inductor/triton", "whole/inductor/pytorch", "whole/aot_eager/triton", "whole/aot_eager/pytorch",
             "whole/inductor/triton/no_padding", "whole/inductor/triton/no_layout_optimization",
             "backbone/inductor/triton", "encoder/inductor/triton", "decoder/inductor/triton")
-DEFAULTS = dict(device=None, backbone="resnet50", queries=900, layers=2, infer="1x800x1333", variants=",".join(VARIANTS), calls=3)
+DEFAULTS = dict(device=None, backbone="resnet50", queries=900, layers=2, infer="1x800x1333",
+                variants=",".join(VARIANTS), calls=3)
 PRESETS = {"cpu_smoke": dict(device="cpu", backbone="resnet18", queries=30, layers=1, infer="1x96x128",
                              variants="whole/aot_eager/pytorch,encoder/inductor/pytorch", calls=1)}
 

@@ -99,21 +99,32 @@ def test_semi_hook_skips_without_trainer_and_times_a_provided_step(bench, monkey
     assert "build_benchmark_step" in skipped["skipped"] and skipped["records"] == []
 
     calls = []
+    import torch
 
     def build_benchmark_step(config_kwargs, device, height=800, width=1088, autocast_dtype=None):
         assert (config_kwargs["backbone"], config_kwargs["num_queries"], height, width) == ("resnet18", 50, 128, 128)
         assert autocast_dtype is None and str(device) == "cpu"
-        return (lambda: calls.append(len(calls))), 5
+
+        def step():  # the attention dispatcher runs in every step, under the backend the benchmark forces
+            calls.append(bench.deformable_attention.resolve_backend("triton", torch.zeros(1)))
+
+        return step, 5
 
     fake = types.ModuleType(module_name)
     fake.build_benchmark_step = build_benchmark_step
     monkeypatch.setitem(sys.modules, module_name, fake)
     refined, cross_view = bench.time_semi_step(args)["records"]
-    assert refined["model"].endswith("(refined)") and cross_view["model"].endswith("(cross_view)")
+    assert refined["model"] == "ours semi step (refined, pytorch)"
+    assert cross_view["model"] == "ours semi step (cross_view, pytorch)"
     semi = refined
-    assert "error" not in semi and calls == list(range(8)) and len(semi["times_ms"]) == 3
-    assert semi["batch"] == 5 and semi["median_ms"] > 0
+    assert "error" not in semi and calls == ["pytorch"] * 8 and len(semi["times_ms"]) == 3
+    assert semi["batch"] == 5 and semi["median_ms"] > 0 and semi["attention_backends"] == ["pytorch"]
     assert semi["images_per_s"] == pytest.approx(5e3 / semi["median_ms"])
+    # one record per attention backend asked for; a step that ran another backend fails its record
+    monkeypatch.setattr(bench.deformable_attention, "resolve_backend", lambda backend, value: "triton")
+    args.backend_list = ["pytorch"]
+    failed = bench.time_semi_step(args)["records"][0]
+    assert "dispatcher ran ['triton']" in failed["error"]
 
 
 def _load(name: str):
