@@ -306,7 +306,7 @@ def test_rpf_duplicate_pseudo_labels_drops_lower_scoring_copy_end_to_end(joint):
 
 
 def test_rpf_joint_matching_gives_each_copy_its_own_prediction():
-    """``joint``: the m copies share one assignment, so a box gets min(m, Q) distinct candidates and no two boxes
+    """``joint``: the m copies share one assignment, so a box gets min(m, Q // n) distinct candidates and no two boxes
     share one; separately matched copies of a box mostly pick the same prediction (measured on the CPU study)."""
     logits, boxes, targets = random_problem(1, 20, 3, [2], seed=11)
     kwargs = dict(groups=6, jitter=0.1, matcher=HungarianMatcher())
@@ -316,7 +316,7 @@ def test_rpf_joint_matching_gives_each_copy_its_own_prediction():
     assert (separate.sum(0) <= 6).all() and (separate.sum(0) >= 1).all()
     (few,) = rpf_candidates(logits[:, :5], boxes[:, :5], targets, generator=torch.Generator().manual_seed(0),
                             joint=True, **kwargs)
-    assert few.sum() == 5  # fewer predictions than copies: every prediction is used once
+    assert few.sum(0).tolist() == [2, 2]  # fewer predictions than copies: 5 // 2 copies of each box
     ((assignment, duplicate),) = rpf_assign(logits, boxes, targets, topk=4, joint=True,
                                             generator=torch.Generator().manual_seed(0), **kwargs)
     assert len(assignment.pred_idx) <= 8 and not set(assignment.pred_idx.tolist()) & set(
@@ -406,6 +406,31 @@ def test_joint_rpf_never_gives_a_box_fewer_positives_than_the_baseline(seed):
     (baseline,) = one_to_many_assign(logits, pred_boxes, targets, topk=4)
     rpf_counts, baseline_counts = _positives_per_box(rpf, len(cells)), _positives_per_box(baseline, len(cells))
     assert all(r >= b for r, b in zip(rpf_counts, baseline_counts)), (rpf_counts, baseline_counts)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_joint_rpf_never_gives_fewer_positives_when_predictions_are_scarce(seed):
+    """Bug fixed: with fewer predictions than copies (2n <= Q < 6n), the fallback's conflict rule could hand a box's
+    baseline prediction to a box holding it as a candidate (423 of 1500 such random layouts had a box one positive
+    short). Boxes overlap each other's predictions here (random boxes)."""
+    generator = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 12, (1,), generator=generator))
+    queries = int(torch.randint(2 * n, 6 * n, (1,), generator=generator))
+    logits, boxes, targets = random_problem(1, queries, 3, [n], seed=seed)
+    ((rpf, _),) = rpf_assign(logits, boxes, targets, groups=6, topk=4, generator=generator)
+    (baseline,) = one_to_many_assign(logits, boxes, targets, topk=4)
+    rpf_counts, baseline_counts = _positives_per_box(rpf, n), _positives_per_box(baseline, n)
+    assert all(r >= b for r, b in zip(rpf_counts, baseline_counts)), (rpf_counts, baseline_counts)
+
+
+@pytest.mark.parametrize("queries, boxes, copies", [(10, 4, 2), (11, 4, 2), (3, 5, 1), (40, 4, 6)])
+def test_joint_candidates_give_every_box_the_copies_the_predictions_allow(queries, boxes, copies):
+    """min(groups, Q // n) copies of each box (at least 1) join the assignment, so every box gets as many
+    candidates as the others instead of the costs deciding which boxes lose them."""
+    logits, pred_boxes, targets = random_problem(1, queries, 3, [boxes], seed=queries + boxes)
+    (candidate,) = rpf_candidates(logits, pred_boxes, targets, groups=6, generator=torch.Generator().manual_seed(0))
+    per_box = candidate.sum(0).tolist()
+    assert per_box == [copies] * boxes if copies * boxes <= queries else sum(per_box) == queries
 
 
 def test_joint_rpf_falls_back_to_the_baseline_when_its_candidates_miss_the_box():
