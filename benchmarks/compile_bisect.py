@@ -34,6 +34,7 @@ for path in (REPO, REPO / "benchmarks"):
 
 import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
+import torch._dynamo.utils  # noqa: E402
 import torch._inductor.config as inductor_config  # noqa: E402
 
 from bench_model import parse_with_preset, random_images  # noqa: E402
@@ -136,8 +137,10 @@ def measure_variant(name: str, spec: tuple, models: dict, references: dict, inpu
     try:
         with inductor_config.patch(settings):
             compiled_call(model, backend, part)
+            frames = torch._dynamo.utils.counters["frames"]["ok"]
             output = run(model, *inputs)  # compiles here, under the settings
             record["first_call_s"] = round(time.perf_counter() - started, 1)
+            record["frames_compiled"] = torch._dynamo.utils.counters["frames"]["ok"] - frames
             for _ in range(args.calls - 1):
                 output = run(model, *inputs)
         record["difference_to_eager"] = compare(output, references[attention])

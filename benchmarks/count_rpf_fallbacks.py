@@ -2,10 +2,10 @@
 
 Runs ``examples/train_ssod.py`` with the given flags and counts, per image and prediction set of every RPF
 (one-to-many) loss computation: the pseudo-boxes that took the plain one-to-many top-k (per-box fallback), the
-joint assignments whose copies were capped (``Q < groups * n``), and the image-sets that took the plain
-assignment whole (the fallback's conflict rule left a box short). Nothing in training changes: the counts are
-recomputed beside the library's own calls. Prints ``RPF_COUNTS {...}`` at the end and writes it to
-``--counts_output``.
+joint assignments whose copies were capped (``Q < groups * n``), and the image-sets whose every box took the
+plain assignment's positives (the fallback's conflict rule left a box short). Nothing in training changes: the
+counts are recomputed beside the library's own calls, and a recomputation that disagrees with the library's
+positives stops the run. Prints ``RPF_COUNTS {...}`` at the end and writes it to ``--counts_output``.
 
     OMP_NUM_THREADS=1 python benchmarks/count_rpf_fallbacks.py --counts_output counts.json -- --seed 42 \\
         --output_dir /tmp/demo/count_seed42                      # the main job, seed 42
@@ -37,6 +37,7 @@ def counting(stats: collections.Counter):
         return copies(groups, num_boxes, num_queries)
 
     def counting_single(candidate, t, iou, topk, fallback=True):
+        result = single(candidate, t, iou, topk, fallback)
         if fallback:
             owned = matcher._keep_largest_iou(candidate & (t > 0), iou)
             positive = matcher._topk_mask(t, topk, allowed=owned)
@@ -44,11 +45,16 @@ def counting(stats: collections.Counter):
             short = positive.sum(0) < baseline.sum(0)
             swapped = matcher._keep_largest_iou(torch.where(short[None], baseline, positive), iou)
             plain = matcher._keep_largest_iou(baseline, iou)
+            whole = bool((swapped.sum(0) < plain.sum(0)).any())
+            expected = (plain if whole else swapped).nonzero().tolist()
+            assigned = result[0]
+            if sorted(zip(assigned.pred_idx.tolist(), assigned.tgt_idx.tolist())) != sorted(map(tuple, expected)):
+                raise RuntimeError("count_rpf_fallbacks no longer recomputes matcher._rpf_single's positives")
             stats["image_sets"] += 1
             stats["pseudo_boxes"] += t.shape[1]
             stats["boxes_taking_plain_topk"] += int(short.sum())
-            stats["image_sets_taking_plain_whole"] += bool((swapped.sum(0) < plain.sum(0)).any())
-        return single(candidate, t, iou, topk, fallback)
+            stats["image_sets_taking_plain_positives"] += whole
+        return result
 
     matcher._matchable_copies, matcher._rpf_single = counting_copies, counting_single
     try:

@@ -25,7 +25,7 @@ for stage in "$@"; do
     bench)
       timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_model.py --device cuda --steps 5 --warmup 2 --output "$OUT/bench_h100.json" 2>&1 | tail -30 ;;
     semi)
-      timeout ${SEMI_TIMEOUT:-80} python3 benchmarks/bench_model.py --device cuda --semi --skip_anchor --skip_inference --backends triton --steps 5 --warmup 2 --output "$OUT/bench_semi_h100.json" 2>&1 | tail -12 ;;
+      timeout ${SEMI_TIMEOUT:-160} python3 benchmarks/bench_model.py --device cuda --semi --skip_anchor --skip_inference --backends triton,pytorch --steps 5 --warmup 2 --output "$OUT/bench_semi_h100.json" 2>&1 | tail -12 ;;
     tests)  # the CUDA tests of CUDA graphs, compile/no-sync and the Triton kernel
       python3 -c "import torch, transformers, triton, timm; print(torch.__version__, transformers.__version__, triton.__version__, timm.__version__, torch.cuda.get_device_name())"
       timeout ${TESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tail -15

@@ -71,7 +71,8 @@ class SparseSemiDetrConfig(PretrainedConfig):
         qrm_attention_on (`str`, defaults to `"low"`): which set gets attention (`low|high|both|none`), Table 10.
         qrm_use_similarity (`bool`, defaults to `True`): similarity matching that refines and drops queries (Table 11).
         qrm_mlp_projector (`bool`, defaults to `False`): the paper's "MLP" ablation (Table 5(c)): both RoI sets first
-            go through Semi-DETR's projector convolutions (conv3x3-BN-ReLU, twice); the paper found it worse.
+            go through Semi-DETR's projector convolutions (conv3x3-BN-ReLU, twice); the paper found it worse. Only
+            with `query_mode="refined"` (the cross-view projector has these convolutions anyway).
         qrm_similarity_threshold (`float`, defaults to -1.0): queries whose best cosine similarity is below are dropped
             (-1 disables the threshold; partner collisions still drop duplicates).
         qrm_alignment_temperature (`float`, defaults to 0.1): temperature of the QRM's alignment (InfoNCE) loss.

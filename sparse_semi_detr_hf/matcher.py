@@ -286,8 +286,8 @@ def _matchable_copies(groups: int, num_boxes: int, num_queries: int) -> int:
 
     With more copies than predictions (``groups * n > Q``) the assignment would leave ``groups * n - Q`` copies
     unmatched, and which boxes lose candidates would follow the costs: a box could then end with fewer positives
-    than the plain one-to-many assignment gives it (measured: 423 of 1500 random layouts with ``2n <= Q < 6n``).
-    Capping the copies keeps every box at the same number of candidates (copy 0 and the first jittered ones).
+    than the plain one-to-many assignment gives it. Capping the copies keeps every box at the same number of
+    candidates (copy 0 and the first jittered ones); ``_rpf_single``'s fallback then guarantees the count.
     """
     return max(1, min(groups, num_queries // max(1, num_boxes)))
 
@@ -309,9 +309,10 @@ def _rpf_single(candidate: Tensor, t: Tensor, iou: Tensor, topk: int,
 
     ``fallback``: a box whose candidates give fewer positives than the plain one-to-many assignment's top-k
     (``_topk_mask(t, topk)``) takes that top-k instead. When that swap hands one of its predictions to a box that
-    holds it as a candidate of larger IoU (predictions scarce for the boxes, ``Q < groups * n``), the image takes
-    the plain assignment whole: RPF never gives a box fewer positives than the baseline (a device-side choice, no
-    host sync).
+    holds it as a candidate of larger IoU (mostly when predictions are scarce, ``Q < groups * n``, but not only),
+    the image takes the plain assignment's positives (``one_to_many_assign``'s) for every box, chosen on the device:
+    RPF never gives a box fewer positives than the baseline. Its other RPF candidates stay duplicates (no
+    classification loss), as in every image.
     """
     owned = _keep_largest_iou(candidate & (t > 0), iou)
     positive = _topk_mask(t, topk, allowed=owned)

@@ -197,25 +197,38 @@ def test_pseudo_label_rate_reports_precision_against_hidden_annotations(tmp_path
     assert hidden[0.99] == {"precision": None, "recall": 0.0}
 
 
-def test_count_rpf_fallbacks_counts_every_rpf_image_set_and_restores_the_matcher(tmp_path):
+def test_count_rpf_fallbacks_counts_every_rpf_image_set_and_restores_the_matcher(tmp_path, monkeypatch):
+    import torch
     from sparse_semi_detr_hf import matcher
 
     original = matcher._rpf_single
     counter = _load("count_rpf_fallbacks")
-    counts = counter.main(["--counts_output", str(tmp_path / "counts.json"), "--", "--synthetic_num_train", "20",
-                           "--synthetic_num_val", "2", "--synthetic_cache_dir", str(tmp_path / "data"),
-                           "--image_scales", "64", "--max_image_size", "80", "--eval_image_size", "64",
-                           "--labeled_batch_size", "1", "--unlabeled_batch_size", "2", "--max_steps", "2",
-                           "--eval_steps", "100", "--pseudo_label_threshold", "0.0", "--backbone", "test_resnet",
-                           "--d_model", "32", "--encoder_layers", "1", "--decoder_layers", "1", "--ffn_dim", "64",
-                           "--attention_heads", "2", "--num_queries", "20", "--num_denoising_queries", "0",
-                           "--num_detections", "8", "--qrm_reduced_dim", "16", "--config_overrides",
-                           "qrm_attention_heads=2", "--num_workers", "0", "--output_dir", str(tmp_path / "run")])
+    train_args = ["--synthetic_num_train", "20", "--synthetic_num_val", "2", "--synthetic_cache_dir",
+                  str(tmp_path / "data"), "--image_scales", "64", "--max_image_size", "80", "--eval_image_size", "64",
+                  "--labeled_batch_size", "1", "--unlabeled_batch_size", "2", "--max_steps", "2", "--eval_steps", "100",
+                  "--pseudo_label_threshold", "0.0", "--backbone", "test_resnet", "--d_model", "32",
+                  "--encoder_layers", "1", "--decoder_layers", "1", "--ffn_dim", "64", "--attention_heads", "2",
+                  "--num_queries", "20", "--num_denoising_queries", "0", "--num_detections", "8", "--qrm_reduced_dim",
+                  "16", "--config_overrides", "qrm_attention_heads=2", "--num_workers", "0",
+                  "--output_dir", str(tmp_path / "run")]
+    counts = counter.main(["--counts_output", str(tmp_path / "counts.json"), "--", *train_args])
     assert json.loads((tmp_path / "counts.json").read_text()) == counts
     # 2 steps x 2 unlabeled images x (1 decoder layer + encoder proposals), 8 pseudo-boxes an image (tau = 0)
     assert counts["joint_assignments"] == 8 and counts["image_sets"] == 8 and counts["pseudo_boxes"] == 64
     assert counts["copies_capped"] == 8  # 6 copies x 8 boxes > 20 queries
-    assert 0 <= counts["image_sets_taking_plain_whole"] <= 8 and matcher._rpf_single is original
+    assert counts["image_sets_taking_plain_positives"] <= counts["image_sets"] and matcher._rpf_single is original
+
+    def drifted(candidate, t, iou, topk, fallback=True):  # a library rule the counter no longer mirrors
+        return matcher._empty_assignment(t.device), torch.zeros(t.shape[0], dtype=torch.bool)
+
+    monkeypatch.setattr(matcher, "_rpf_single", drifted)
+    with pytest.raises(RuntimeError, match="no longer recomputes"):
+        counter.main(["--", *train_args[:-1], str(tmp_path / "run2")])
+
+
+def test_rpf_scarce_layouts_counts_no_short_box():
+    report = _load("rpf_scarce_layouts").main(["--layouts", "30"])
+    assert report == {"layouts": 30, "short": 0}
 
 
 def test_rpf_positives_reports_each_assignment_on_the_same_batches(tmp_path):
@@ -390,6 +403,7 @@ def test_compile_bisect_compares_each_variant_to_eager_of_its_attention_path(tmp
     traced, triton = results["variants"]
     assert traced["difference_to_eager"]["memory"] == 0.0 and traced["difference_to_eager"]["logits"] == 0.0
     assert traced["difference_to_eager"]["boxes_in_unit_range"] and "error" not in traced
+    assert traced["frames_compiled"] > 0  # something was compiled: an uncompiled model would also equal eager
     assert triton["inductor_settings"] == {"comprehensive_padding": False} and "skipped" in triton
     with pytest.raises(ValueError, match="part/backend/attention"):
         bisect.parse_variant("whole/inductor")

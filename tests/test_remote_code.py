@@ -139,7 +139,8 @@ def test_pipeline_batches_images_of_different_sizes_on_a_fixed_canvas(tmp_path):
     concatenates ``pixel_values``; the same holds for its Deformable DETR); README's way: an image processor with
     ``pad_size``. Batched detections equal one-by-one detections on the same canvas."""
     save_tiny_model(tmp_path)
-    processor = AutoImageProcessor.from_pretrained(str(tmp_path), pad_size={"height": 1333, "width": 1333})
+    side = AutoImageProcessor.from_pretrained(str(tmp_path)).size["longest_edge"]  # README's canvas
+    processor = AutoImageProcessor.from_pretrained(str(tmp_path), pad_size={"height": side, "width": side})
     detector = pipeline("object-detection", model=str(tmp_path), image_processor=processor, device="cpu")
     rng = np.random.default_rng(3)
     images = [Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)) for shape in [(60, 80, 3), (90, 40, 3)]]
