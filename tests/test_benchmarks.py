@@ -205,7 +205,8 @@ def test_count_rpf_fallbacks_counts_every_rpf_image_set_and_restores_the_matcher
     counter = _load("count_rpf_fallbacks")
     train_args = ["--synthetic_num_train", "20", "--synthetic_num_val", "2", "--synthetic_cache_dir",
                   str(tmp_path / "data"), "--image_scales", "64", "--max_image_size", "80", "--eval_image_size", "64",
-                  "--labeled_batch_size", "1", "--unlabeled_batch_size", "2", "--max_steps", "2", "--eval_steps", "100",
+                  "--labeled_batch_size", "1", "--unlabeled_batch_size", "2", "--max_steps", "2",
+                  "--eval_steps", "100",
                   "--pseudo_label_threshold", "0.0", "--backbone", "test_resnet", "--d_model", "32",
                   "--encoder_layers", "1", "--decoder_layers", "1", "--ffn_dim", "64", "--attention_heads", "2",
                   "--num_queries", "20", "--num_denoising_queries", "0", "--num_detections", "8", "--qrm_reduced_dim",
