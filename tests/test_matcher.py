@@ -408,18 +408,24 @@ def test_joint_rpf_never_gives_a_box_fewer_positives_than_the_baseline(seed):
     assert all(r >= b for r, b in zip(rpf_counts, baseline_counts)), (rpf_counts, baseline_counts)
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_joint_rpf_never_gives_fewer_positives_when_predictions_are_scarce(seed):
-    """Bug fixed: with fewer predictions than copies (2n <= Q < 6n), the fallback's conflict rule could hand a box's
-    baseline prediction to a box holding it as a candidate (429 of 1500 such random layouts had a box one positive
-    short). Boxes overlap each other's predictions here (random boxes)."""
+def scarce_rpf_layout(seed: int) -> tuple[list[int], list[int]]:
+    """A random layout with fewer predictions than copies (n pseudo-boxes, 2 <= n < 12, 2n <= Q < 6n; boxes overlap
+    each other's predictions) -> positives per box of joint RPF (m = 6, k = 4) and of the plain assignment at k.
+    Also used by ``benchmarks/rpf_scarce_layouts.py``."""
     generator = torch.Generator().manual_seed(seed)
     n = int(torch.randint(2, 12, (1,), generator=generator))
     queries = int(torch.randint(2 * n, 6 * n, (1,), generator=generator))
     logits, boxes, targets = random_problem(1, queries, 3, [n], seed=seed)
     ((rpf, _),) = rpf_assign(logits, boxes, targets, groups=6, topk=4, generator=generator)
     (baseline,) = one_to_many_assign(logits, boxes, targets, topk=4)
-    rpf_counts, baseline_counts = _positives_per_box(rpf, n), _positives_per_box(baseline, n)
+    return _positives_per_box(rpf, n), _positives_per_box(baseline, n)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_joint_rpf_never_gives_fewer_positives_when_predictions_are_scarce(seed):
+    """Bug fixed: with fewer predictions than copies, the fallback's conflict rule could hand a box's baseline
+    prediction to a box holding it as a candidate (429 of 1500 such random layouts had a box one positive short)."""
+    rpf_counts, baseline_counts = scarce_rpf_layout(seed)
     assert all(r >= b for r, b in zip(rpf_counts, baseline_counts)), (rpf_counts, baseline_counts)
 
 
