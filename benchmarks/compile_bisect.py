@@ -38,6 +38,7 @@ import torch._dynamo.utils  # noqa: E402
 import torch._inductor.config as inductor_config  # noqa: E402
 
 from bench_model import parse_with_preset, random_images  # noqa: E402
+from profile_step import max_difference  # noqa: E402
 from sparse_semi_detr_hf import SparseSemiDetrConfig, SparseSemiDetrForObjectDetection  # noqa: E402
 from sparse_semi_detr_hf.deformable_attention_triton import is_triton_available  # noqa: E402
 
@@ -98,32 +99,20 @@ def compare(output, reference) -> dict:
     """Differences of ``output`` to ``reference`` (both ``SparseSemiDetrObjectDetectionOutput``), largest absolute.
 
     ``memory``: encoder output ``(B, S, D)``, before any top-k; ``boxes_in_unit_range``: every ``pred_boxes``
-    value of ``output`` in ``[0, 1]`` (as a sigmoid must be); ``sorted_scores``: each query's best class score,
-    sorted, so that queries trading places among near-ties do not count.
+    value of ``output`` in ``[0, 1]`` (as a sigmoid must be); then ``profile_step.max_difference``'s per-query and
+    sorted-score differences.
     """
-
-    def largest(a, b):
-        return (a.float() - b.float()).abs().max().item()
-
-    def sorted_scores(out):
-        return out.logits.float().sigmoid().amax(-1).sort(-1, descending=True).values
-
     boxes = output.pred_boxes.float()
-    return {"memory": largest(output.encoder_last_hidden_state, reference.encoder_last_hidden_state),
-            "boxes_in_unit_range": bool(((boxes >= 0) & (boxes <= 1)).all()),
-            "pred_boxes_min_max": [boxes.min().item(), boxes.max().item()],
-            "sorted_scores": largest(sorted_scores(output), sorted_scores(reference)),
-            "logits": largest(output.logits, reference.logits),
-            "pred_boxes": largest(output.pred_boxes, reference.pred_boxes),
-            "finite": bool(torch.isfinite(output.logits).all() and torch.isfinite(boxes).all())}
+    memory = output.encoder_last_hidden_state.float() - reference.encoder_last_hidden_state.float()
+    return {"memory": memory.abs().max().item(), "boxes_in_unit_range": bool(((boxes >= 0) & (boxes <= 1)).all()),
+            "pred_boxes_min_max": [boxes.min().item(), boxes.max().item()], **max_difference(output, reference)}
 
 
-def compiled_call(model, backend: str, part: str):
-    """``model`` with ``part`` compiled in place (``Module.compile``: weights stay where they are)."""
+def compile_in_place(model, backend: str, part: str) -> None:
+    """Compile ``part`` of ``model`` in place (``Module.compile``: weights stay where they are)."""
     torch._dynamo.reset()
     target = model if part == "whole" else model.get_submodule(PARTS[part])
     target.compile(backend=backend)
-    return model
 
 
 def measure_variant(name: str, spec: tuple, models: dict, references: dict, inputs, args) -> dict:
@@ -136,7 +125,7 @@ def measure_variant(name: str, spec: tuple, models: dict, references: dict, inpu
     started = time.perf_counter()
     try:
         with inductor_config.patch(settings):
-            compiled_call(model, backend, part)
+            compile_in_place(model, backend, part)
             frames = torch._dynamo.utils.counters["frames"]["ok"]
             output = run(model, *inputs)  # compiles here, under the settings
             record["first_call_s"] = round(time.perf_counter() - started, 1)
